@@ -1,0 +1,123 @@
+#include "common/model_config.hpp"
+
+#include <nlohmann/json.hpp>
+
+namespace mdi {
+
+bool ModelConfig::is_stop_token(int64_t id) const {
+  for (auto s : stop_token_ids)
+    if (s == id) return true;
+  return false;
+}
+
+void ModelConfig::validate() const {
+  auto positive = [](int64_t v, const char* name) {
+    if (v <= 0) throw ConfigError(std::string("model config: ") + name + " must be positive, got " + std::to_string(v));
+  };
+  positive(dim, "hidden_size");
+  positive(hidden_dim, "intermediate_size");
+  positive(n_layers, "num_hidden_layers");
+  positive(n_heads, "num_attention_heads");
+  positive(n_kv_heads, "num_key_value_heads");
+  positive(vocab_size, "vocab_size");
+  positive(max_seq_len, "max_position_embeddings");
+  if (dim % n_heads != 0)
+    throw ConfigError("model config: hidden_size " + std::to_string(dim) + " is not a multiple of num_attention_heads " +
+                      std::to_string(n_heads));
+  if (n_heads % n_kv_heads != 0)
+    throw ConfigError("model config: num_attention_heads " + std::to_string(n_heads) +
+                      " is not a multiple of num_key_value_heads " + std::to_string(n_kv_heads));
+  if (head_dim() % 2 != 0) throw ConfigError("model config: head dimension " + std::to_string(head_dim()) + " is odd; RoPE needs pairs");
+  if (!(norm_eps > 0)) throw ConfigError("model config: rms_norm_eps must be positive");
+  if (!(rope_theta > 0)) throw ConfigError("model config: rope_theta must be positive");
+}
+
+static int64_t required_int(const nlohmann::json& j, const char* key, const std::string& where) {
+  if (!j.contains(key)) throw ConfigError(where + ": missing required field \"" + key + "\"");
+  if (!j[key].is_number_integer()) throw ConfigError(where + ": field \"" + key + "\" must be an integer");
+  return j[key].get<int64_t>();
+}
+
+ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string& where) {
+  if (!j.is_object()) throw ConfigError(where + ": expected a JSON object");
+  ModelConfig c;
+  c.dim = required_int(j, "hidden_size", where);
+  c.hidden_dim = required_int(j, "intermediate_size", where);
+  c.n_layers = required_int(j, "num_hidden_layers", where);
+  c.n_heads = required_int(j, "num_attention_heads", where);
+  c.n_kv_heads = j.contains("num_key_value_heads") ? required_int(j, "num_key_value_heads", where) : c.n_heads;
+  c.vocab_size = required_int(j, "vocab_size", where);
+  c.max_seq_len = required_int(j, "max_position_embeddings", where);
+  c.norm_eps = j.value("rms_norm_eps", 1e-5);
+  c.rope_theta = j.value("rope_theta", 10000.0);
+  c.tied_embeddings = j.value("tie_word_embeddings", false);
+  c.bos_token_id = j.value("bos_token_id", int64_t{1});
+  if (j.contains("eos_token_id")) {
+    const auto& eos = j["eos_token_id"];
+    c.stop_token_ids.clear();
+    if (eos.is_array())
+      for (auto& e : eos) c.stop_token_ids.push_back(e.get<int64_t>());
+    else if (eos.is_number_integer())
+      c.stop_token_ids.push_back(eos.get<int64_t>());
+  }
+  if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
+    const auto& rs = j["rope_scaling"];
+    std::string type = rs.value("rope_type", rs.value("type", std::string()));
+    if (type != "llama3")
+      throw ConfigError(where + ": rope_scaling type \"" + type + "\" is not supported (only \"llama3\")");
+    c.has_rope_scaling = true;
+    c.rope_scaling.factor = rs.value("factor", 8.0);
+    c.rope_scaling.low_freq_factor = rs.value("low_freq_factor", 1.0);
+    c.rope_scaling.high_freq_factor = rs.value("high_freq_factor", 4.0);
+    c.rope_scaling.original_max_position_embeddings = rs.value("original_max_position_embeddings", int64_t{8192});
+  }
+  try {
+    c.validate();
+  } catch (const ConfigError& e) {
+    throw ConfigError(where + ": " + e.what());
+  }
+  return c;
+}
+
+nlohmann::json ModelConfig::to_hf_json() const {
+  nlohmann::json j = {
+      {"architectures", {"LlamaForCausalLM"}},
+      {"model_type", "llama"},
+      {"hidden_size", dim},
+      {"intermediate_size", hidden_dim},
+      {"num_hidden_layers", n_layers},
+      {"num_attention_heads", n_heads},
+      {"num_key_value_heads", n_kv_heads},
+      {"vocab_size", vocab_size},
+      {"max_position_embeddings", max_seq_len},
+      {"rms_norm_eps", norm_eps},
+      {"rope_theta", rope_theta},
+      {"tie_word_embeddings", tied_embeddings},
+      {"hidden_act", "silu"},
+      {"bos_token_id", bos_token_id},
+  };
+  if (stop_token_ids.size() == 1)
+    j["eos_token_id"] = stop_token_ids[0];
+  else
+    j["eos_token_id"] = stop_token_ids;
+  if (has_rope_scaling)
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", rope_scaling.factor},
+                         {"low_freq_factor", rope_scaling.low_freq_factor},
+                         {"high_freq_factor", rope_scaling.high_freq_factor},
+                         {"original_max_position_embeddings", rope_scaling.original_max_position_embeddings}};
+  return j;
+}
+
+int64_t ModelConfig::parameter_count() const {
+  int64_t attn = dim * dim /*q*/ + 2 * dim * kv_dim() /*k,v*/ + dim * dim /*o*/;
+  int64_t mlp = 3 * dim * hidden_dim;
+  int64_t norms = 2 * dim;
+  int64_t per_layer = attn + mlp + norms;
+  int64_t embed = vocab_size * dim;
+  return embed + n_layers * per_layer + dim /*final norm*/ + (tied_embeddings ? 0 : vocab_size * dim);
+}
+
+bool ModelConfig::operator==(const ModelConfig& o) const { return to_hf_json() == o.to_hf_json(); }
+
+}  // namespace mdi
