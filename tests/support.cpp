@@ -1,4 +1,4 @@
-#include "tests/test_support.hpp"
+#include "tests/support.hpp"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
