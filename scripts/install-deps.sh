@@ -11,7 +11,7 @@ packages=(
   libgtest-dev libgmock-dev
   libsentencepiece-dev libpcre2-dev
   libssl-dev                            # SHA-256 of model chunks
-  python3
+  python3 python3-yaml                  # tests/docker_offline_check.py
 )
 
 missing=()
