@@ -1,0 +1,120 @@
+#pragma once
+// The Llama decoder, as one node runs it: a contiguous range of layers,
+// optionally preceded by the token embedding (the first node) and followed by
+// the final norm and LM head (the last stage). Standalone runs are the chunk
+// that holds everything; the same forward() serves every node.
+#include <torch/torch.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/model_config.hpp"
+
+namespace mdi {
+
+// Half-open range [begin, end) of global layer indices.
+struct LayerRange {
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t size() const { return end - begin; }
+  bool contains(int64_t layer) const { return layer >= begin && layer < end; }
+  bool operator==(const LayerRange& o) const { return begin == o.begin && end == o.end; }
+};
+
+// What one node holds.
+struct ChunkSpec {
+  LayerRange layers;
+  bool embedding = false;  // token ids in
+  bool head = false;       // final norm + LM head: logits out
+};
+
+struct LayerWeights {
+  torch::Tensor attn_norm;  // (dim)
+  torch::Tensor wqkv;       // (dim + 2 * kv_dim, dim): q, k, v projections fused, half-split RoPE layout
+  torch::Tensor wo;         // (dim, dim)
+  torch::Tensor ffn_norm;   // (dim)
+  torch::Tensor w_gate_up;  // (2 * hidden_dim, dim): gate and up projections fused
+  torch::Tensor w_down;     // (dim, hidden_dim)
+};
+
+struct ChunkWeights {
+  torch::Tensor embedding;           // (vocab, dim), when the chunk holds the embedding
+  std::vector<LayerWeights> layers;  // one per layer of the range
+  torch::Tensor final_norm;          // (dim), when the chunk holds the head
+  torch::Tensor lm_head;             // (vocab, dim); the embedding itself when tied
+};
+
+// The keys and values one sample has produced in the layers a node holds.
+// Grows with the sample's real length, in place: capacity grows in blocks, so
+// a step appends without copying the whole cache.
+class KvCache {
+ public:
+  KvCache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t max_len, torch::Device, torch::ScalarType);
+  // Writes k, v: (n_kv_heads, T, head_dim) at positions [pos, pos + T) of `layer` (local index).
+  void append(int64_t layer, int64_t pos, const torch::Tensor& k, const torch::Tensor& v);
+  // Keys and values of positions [0, len): (n_kv_heads, len, head_dim).
+  torch::Tensor keys(int64_t layer, int64_t len) const;
+  torch::Tensor values(int64_t layer, int64_t len) const;
+  int64_t capacity() const { return capacity_; }
+  int64_t bytes() const;
+
+ private:
+  void grow(int64_t needed);
+  int64_t n_kv_heads_, head_dim_, max_len_, capacity_ = 0;
+  torch::Device device_;
+  torch::ScalarType dtype_;
+  std::vector<torch::Tensor> k_, v_;  // per layer: (n_kv_heads, capacity, head_dim)
+};
+
+struct ContextLengthError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+class ModelChunk {
+ public:
+  ModelChunk(ModelConfig config, ChunkSpec spec, ChunkWeights weights, torch::Device device, torch::ScalarType dtype);
+
+  // input: token ids (T) int64 when the chunk holds the embedding, else hidden states (T, dim).
+  // Positions start_pos .. start_pos + T - 1. Returns logits (T, vocab) float32 when the chunk
+  // holds the head (only the last row when last_only), else hidden states (T, dim).
+  torch::Tensor forward(const torch::Tensor& input, KvCache& cache, int64_t start_pos, bool last_only = true) const;
+
+  // The two halves of forward(), for the starter, whose ring passes through the
+  // secondaries between them: embedding (if held) and layers → hidden (T, dim);
+  // and hidden (T, dim) → final norm and head → logits float32.
+  torch::Tensor run_layers(const torch::Tensor& input, KvCache& cache, int64_t start_pos) const;
+  torch::Tensor run_head(const torch::Tensor& hidden, bool last_only = true) const;
+
+  KvCache new_cache() const;
+
+  const ModelConfig& config() const { return config_; }
+  const ChunkSpec& spec() const { return spec_; }
+  torch::Device device() const { return device_; }
+  torch::ScalarType dtype() const { return dtype_; }
+  int64_t parameter_bytes() const;
+
+ private:
+  torch::Tensor attention(const LayerWeights& w, const torch::Tensor& x, KvCache& cache, int64_t layer, int64_t start_pos) const;
+  torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight) const;
+
+  ModelConfig config_;
+  ChunkSpec spec_;
+  ChunkWeights weights_;
+  torch::Device device_;
+  torch::ScalarType dtype_;
+  torch::Tensor rope_cos_, rope_sin_;  // (max_seq_len, head_dim / 2), float32
+};
+
+// Rotary inverse frequencies (head_dim / 2), with Llama 3.1 scaling when the config has it.
+torch::Tensor rope_inverse_frequencies(const ModelConfig& config);
+
+// "cpu", "cuda", "cuda:1"; throws std::invalid_argument naming the value.
+torch::Device parse_device(const std::string& text);
+// "float32" | "bfloat16" | "float16" (also fp32/bf16/fp16).
+torch::ScalarType parse_dtype(const std::string& text);
+std::string dtype_name(torch::ScalarType dtype);
+// float32 on CPU, bfloat16 on CUDA.
+torch::ScalarType default_dtype(const torch::Device& device);
+
+}  // namespace mdi
