@@ -15,21 +15,18 @@ RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress
   std::vector<KvCache> caches;
   for (size_t i = 0; i < samples.size(); ++i) caches.push_back(model.new_cache());
 
+  const auto run_start = clock::now();
   for (bool any_running = true; any_running;) {
     any_running = false;
     for (size_t i = 0; i < samples.size(); ++i) {
       SampleProgress& s = samples[i];
       if (!s.running()) continue;
-      const bool prefill = s.pending_pos() == 0;
-      const auto start = clock::now();
       auto input = s.pending_input();
       auto logits = model.forward(torch::tensor(input, torch::kLong), caches[i], s.pending_pos());
       s.mark_fed();
       auto row = logits[0].contiguous().to(torch::kCPU);
       const int64_t token = s.advance(row.data_ptr<float>(), row.size(0));
-      const double seconds = std::chrono::duration<double>(clock::now() - start).count();
-      (prefill ? stats.prefill_s : stats.decode_s) += seconds;
-      ++stats.generated_tokens;
+      stats.record_token(std::chrono::duration<double>(clock::now() - run_start).count());
       if (on_token) on_token(s, token);
       if (s.running())
         any_running = true;

@@ -1,5 +1,6 @@
 #include "common/sample_progress.hpp"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -71,13 +72,54 @@ std::vector<std::string> read_prompts(const std::string& prompt_arg) {
   return prompts;
 }
 
+void RunStats::record_token(double seconds) {
+  if (token_times.empty()) prefill_s = seconds;
+  decode_s = seconds - prefill_s;
+  token_times.push_back(seconds);
+  ++generated_tokens;
+}
+
+std::string timeline_csv(const RunStats& stats) {
+  std::ostringstream out;
+  out << "tokens,seconds\n";
+  for (size_t i = 0; i < stats.token_times.size(); ++i) out << (i + 1) << "," << stats.token_times[i] << "\n";
+  return out.str();
+}
+
+std::string timeline_svg(const RunStats& stats, const std::string& title) {
+  const double w = 640, h = 400, left = 60, bottom = 50, top = 40, right = 20;
+  const double max_t = stats.token_times.empty() ? 1.0 : std::max(stats.token_times.back(), 1e-9);
+  const double max_n = std::max<double>(1.0, static_cast<double>(stats.token_times.size()));
+  auto x = [&](double n) { return left + (w - left - right) * n / max_n; };
+  auto y = [&](double t) { return h - bottom - (h - bottom - top) * t / max_t; };
+  std::ostringstream out;
+  out << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << w << "\" height=\"" << h << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
+      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      << "<text x=\"" << w / 2 << "\" y=\"20\" text-anchor=\"middle\">" << title << "</text>\n"
+      << "<line x1=\"" << left << "\" y1=\"" << h - bottom << "\" x2=\"" << w - right << "\" y2=\"" << h - bottom << "\" stroke=\"black\"/>\n"
+      << "<line x1=\"" << left << "\" y1=\"" << top << "\" x2=\"" << left << "\" y2=\"" << h - bottom << "\" stroke=\"black\"/>\n"
+      << "<text x=\"" << w / 2 << "\" y=\"" << h - 10 << "\" text-anchor=\"middle\">generated tokens (" << stats.token_times.size() << ")</text>\n"
+      << "<text x=\"15\" y=\"" << h / 2 << "\" transform=\"rotate(-90 15 " << h / 2 << ")\" text-anchor=\"middle\">time (s), max "
+      << max_t << "</text>\n<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"" << x(0) << "," << y(0);
+  for (size_t i = 0; i < stats.token_times.size(); ++i) out << " " << x(double(i + 1)) << "," << y(stats.token_times[i]);
+  out << "\"/>\n</svg>\n";
+  return out.str();
+}
+
 double RunStats::tokens_per_s() const {
   const double total = prefill_s + decode_s;
   return total > 0 ? static_cast<double>(generated_tokens) / total : 0.0;
 }
 
 std::string sample_text(const Tokenizer& tokenizer, const std::vector<int64_t>& tokens) {
-  return tokenizer.decode(std::vector<int>(tokens.begin(), tokens.end()));
+  // token by token, as it streamed: special tokens (BOS, stop) print nothing
+  std::string text;
+  int prev = tokenizer.bos_id();
+  for (int64_t id : tokens) {
+    text += tokenizer.token_bytes(prev, static_cast<int>(id));
+    prev = static_cast<int>(id);
+  }
+  return text;
 }
 
 nlohmann::json results_json(const std::vector<SampleProgress>& samples, const Tokenizer& tokenizer, const RunStats& stats,

@@ -56,13 +56,20 @@ class SampleProgress {
 std::vector<std::string> read_prompts(const std::string& prompt_arg);
 
 struct RunStats {
-  double prefill_s = 0;
-  double decode_s = 0;
+  double prefill_s = 0;  // from the start until the first token
+  double decode_s = 0;   // from the first token until the last
   int64_t generated_tokens = 0;
+  std::vector<double> token_times;  // seconds since the start at each generated token, in order
   double tokens_per_s() const;
+  void record_token(double seconds_since_start);
 };
 
-// The full text of a sample's tokens (special tokens print nothing).
+// The time-vs-tokens CSV of MDI-LLM's plots: "tokens,seconds" per generated token.
+std::string timeline_csv(const RunStats& stats);
+// The same as an SVG line plot.
+std::string timeline_svg(const RunStats& stats, const std::string& title);
+
+// The full text of a sample's tokens, as it streamed (special tokens print nothing).
 std::string sample_text(const Tokenizer& tokenizer, const std::vector<int64_t>& tokens);
 
 // {"samples": [...], "stats": {...}}; `extra_stats` (e.g. per-node figures) is merged into "stats".

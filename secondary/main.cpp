@@ -1,1 +1,132 @@
-int main() { return 0; }
+// secondary: a node daemon. Serves the HTTP control plane on its communication
+// port and waits for the starter's /init; then runs its layer range in the ring.
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include <pthread.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+#include <nlohmann/json.hpp>
+
+#include "common/control_plane.hpp"
+#include "common/logging.hpp"
+#include "common/nodes_config.hpp"
+#include "common/secondary_node.hpp"
+#include "common/torch_runtime.hpp"
+
+namespace {
+
+struct SecondaryCli {
+  std::string nodes_config;
+  size_t index = 0;
+  std::string chunk;
+  std::string device;
+  std::string dtype;
+  std::string chunk_cache;
+  int threads = 0;
+  int verbosity = 0;
+};
+
+// The whole nodes-config, or this secondary's own object alone (MDI-LLM accepts both).
+struct OwnConfig {
+  mdi::NodeEndpoint self;
+  std::string auth_token;
+};
+
+OwnConfig read_own_config(const std::string& path, size_t index) {
+  std::ifstream in(path);
+  if (!in) throw std::invalid_argument("--nodes-config " + path + ": cannot open");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const std::exception& e) {
+    throw std::invalid_argument(path + ": malformed JSON: " + e.what());
+  }
+  if (mdi::is_single_secondary_object(j)) return {mdi::parse_secondary_only(j, path), j.value("auth_token", std::string())};
+  auto config = mdi::parse_nodes_config(j, path);
+  if (index >= config.secondaries.size())
+    throw std::invalid_argument(path + " lists " + std::to_string(config.secondaries.size()) + " secondaries; there is no index " +
+                                std::to_string(index));
+  return {config.secondaries[index], config.auth_token};
+}
+
+int run(const SecondaryCli& cli) {
+  // SIGINT and SIGTERM are taken by one thread (sigwait) and end the process like
+  // PUT /stop; blocked before any thread starts, so every thread inherits the mask.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  mdi::init_torch_runtime(cli.threads);
+  OwnConfig own = read_own_config(cli.nodes_config, cli.index);
+  if (const char* token = std::getenv("MDI_TOKEN"); token && *token) own.auth_token = token;
+
+  mdi::SecondaryOptions options;
+  options.secondary_index = cli.index;
+  options.self = own.self;
+  options.chunk_override = cli.chunk;
+  options.device_override = cli.device;
+  options.dtype_override = cli.dtype;
+  options.chunk_cache_dir = cli.chunk_cache.empty() ? std::filesystem::temp_directory_path() /
+                                                          ("mdi-chunks-" + std::to_string(own.self.control_port))
+                                                    : std::filesystem::path(cli.chunk_cache);
+  mdi::SecondaryNode node(options);
+
+  mdi::ControlServerOptions server_options;
+  server_options.bind_addr = own.self.bind_addr.empty() ? own.self.addr : own.self.bind_addr;
+  server_options.port = own.self.control_port;
+  server_options.auth_token = own.auth_token;
+  server_options.upload_dir = options.chunk_cache_dir / "incoming";
+  server_options.threads = 2;  // /status answers while /init loads a chunk
+  std::filesystem::create_directories(server_options.upload_dir);
+  mdi::ControlServer server(server_options);
+  node.register_routes(server);
+  server.start();
+  spdlog::info("secondary {} listening on {} (control plane{}), ring ports in {} / out {}; idle", cli.index,
+               mdi::format_endpoint(server_options.bind_addr, server.port()), own.auth_token.empty() ? ", no auth token" : ", token required",
+               own.self.port_in, own.self.port_out);
+
+  std::thread signal_waiter([&] {
+    int signal = 0;
+    sigwait(&stop_signals, &signal);
+    node.stop({"PUT", "/stop", {}, "", "signal"});
+  });
+  node.wait_for_shutdown();
+  pthread_kill(signal_waiter.native_handle(), SIGTERM);  // wakes the waiter if no signal came
+  signal_waiter.join();
+  spdlog::info("stopped by the starter");
+  server.stop();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  SecondaryCli cli;
+  CLI::App app{
+      "secondary: a node of the ring. Serves the HTTP control plane on its communication port and waits for the\n"
+      "starter, which sends its layer range and chunk (POST /init, POST /chunk); runs those layers in the\n"
+      "activation ring; goes back to idle after the run, or exits on PUT /stop.\n"
+      "The nodes-config is MDI-LLM's file (the whole file, or this secondary's object alone)."};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--nodes-config", cli.nodes_config, "Nodes-config JSON")->required()->check(CLI::ExistingFile);
+  app.add_option("IDX", cli.index, "This secondary's index in the config's \"secondary\" list")->required();
+  app.add_option("--chunk", cli.chunk, "Use this chunk file (its sha256 must match what the starter expects)");
+  app.add_option("--device", cli.device, "Override the device: cpu, cuda, cuda:N");
+  app.add_option("--dtype", cli.dtype, "Override the dtype: float32, bfloat16, float16");
+  app.add_option("--chunk-cache", cli.chunk_cache, "Where uploaded chunks are kept (default: a temp directory per port)");
+  app.add_option("--threads", cli.threads, "CPU threads for LibTorch (0: all cores)");
+  app.add_flag("-v,--verbose", cli.verbosity, "More log detail (-v debug, -vv trace)");
+  CLI11_PARSE(app, argc, argv);
+  mdi::setup_logging(cli.verbosity, "secondary" + std::to_string(cli.index));
+  try {
+    return run(cli);
+  } catch (const std::exception& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  }
+}

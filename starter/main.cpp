@@ -9,9 +9,16 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include <fstream>
+#include <random>
+
 #include "common/checkpoint.hpp"
 #include "common/generation.hpp"
 #include "common/logging.hpp"
+#include "common/model_store.hpp"
+#include "common/nodes_config.hpp"
+#include "common/ring.hpp"
+#include "common/starter_cluster.hpp"
 #include "common/sample_progress.hpp"
 #include "common/tokenizer.hpp"
 #include "common/torch_runtime.hpp"
@@ -37,6 +44,10 @@ struct StarterOptions {
   bool plots = false;
   int threads = 0;
   int verbosity = 0;
+  bool device_given = false;
+  std::string chunk;
+  bool keep_nodes = false;
+  bool upload_chunks = false;
 };
 
 // Streams sample 0's text as it is generated when it is the only sample;
@@ -83,35 +94,125 @@ std::vector<mdi::SampleProgress> make_samples(const StarterOptions& opt, const m
   return samples;
 }
 
-int run(const StarterOptions& opt) {
-  mdi::init_torch_runtime(opt.threads);
-  const auto device = mdi::parse_device(opt.device);
+std::optional<std::filesystem::path> optional_path(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  return std::filesystem::path(text);
+}
+
+void write_outputs(const StarterOptions& opt, const std::vector<mdi::SampleProgress>& samples, const mdi::Tokenizer& tokenizer,
+                   const mdi::RunStats& stats, const nlohmann::json* node_stats) {
+  spdlog::info("{} tokens in {:.2f} s: {:.1f} tokens/s (first token after {:.3f} s)", stats.generated_tokens,
+               stats.prefill_s + stats.decode_s, stats.tokens_per_s(), stats.prefill_s);
+  if (!opt.out.empty()) {
+    mdi::write_file_atomic(opt.out, mdi::results_json(samples, tokenizer, stats, node_stats).dump(1) + "\n");
+    spdlog::info("wrote {}", opt.out);
+  }
+  if (!opt.time_run.empty()) {
+    mdi::write_file_atomic(opt.time_run, mdi::timeline_csv(stats));
+    spdlog::info("wrote {}", opt.time_run);
+    if (opt.plots) {
+      const std::string svg = std::filesystem::path(opt.time_run).replace_extension(".svg").string();
+      mdi::write_file_atomic(svg, mdi::timeline_svg(stats, std::to_string(samples.size()) + " samples"));
+      spdlog::info("wrote {}", svg);
+    }
+  }
+}
+
+int run_standalone(const StarterOptions& opt, const torch::Device device) {
+  auto reader = mdi::open_checkpoint(opt.ckpt, optional_path(opt.tokenizer));
+  auto tokenizer_path = reader->tokenizer();
+  if (!tokenizer_path) throw std::invalid_argument("no tokenizer: " + reader->description() + " ships none; pass --tokenizer PATH");
+  auto tokenizer = mdi::load_tokenizer(*tokenizer_path);
   const auto dtype = opt.dtype.empty() ? mdi::default_dtype(device) : mdi::parse_dtype(opt.dtype);
 
-  auto reader = mdi::open_checkpoint(opt.ckpt, opt.tokenizer.empty() ? std::nullopt : std::optional<std::filesystem::path>(opt.tokenizer));
-  auto tokenizer_path = reader->tokenizer();
-  if (!tokenizer_path)
-    throw std::invalid_argument("no tokenizer: " + reader->description() + " ships none; pass --tokenizer PATH");
-  auto tokenizer = mdi::load_tokenizer(*tokenizer_path);
-
   mdi::ModelConfig config = reader->config();
-  mdi::ChunkSpec spec{{0, config.n_layers}, true, true};
-  spdlog::info("model: {} ({} layers, dim {}, vocab {}), {} on {}", reader->description(), config.n_layers, config.dim,
+  spdlog::info("standalone: {} ({} layers, dim {}, vocab {}), {} on {}", reader->description(), config.n_layers, config.dim,
                config.vocab_size, mdi::dtype_name(dtype), device.str());
-  auto model = mdi::load_chunk(*reader, spec, device, dtype);
+  auto model = mdi::load_chunk(*reader, {{0, config.n_layers}, true, true}, device, dtype);
   if (opt.block_size > 0) config.max_seq_len = std::min(config.max_seq_len, opt.block_size);
-  // The context bound lives in the config the samples see.
   auto samples = make_samples(opt, *tokenizer, config);
 
   TextPrinter printer(*tokenizer, samples.size());
   auto stats = mdi::generate_standalone(model, samples, [&](const mdi::SampleProgress& s, int64_t token) { printer.on_token(s, token); });
-  spdlog::info("{} tokens in {:.2f} s: {:.1f} tokens/s (prefill {:.3f} s)", stats.generated_tokens, stats.prefill_s + stats.decode_s,
-               stats.tokens_per_s(), stats.prefill_s);
-  if (!opt.out.empty()) {
-    mdi::write_file_atomic(opt.out, mdi::results_json(samples, *tokenizer, stats).dump(1) + "\n");
-    spdlog::info("wrote {}", opt.out);
-  }
+  write_outputs(opt, samples, *tokenizer, stats, nullptr);
   return 0;
+}
+
+int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, const nlohmann::json& nodes_json, torch::Device device) {
+  const size_t n_nodes = nodes.n_nodes();
+  const std::filesystem::path model_dir = opt.ckpt;
+  if (!std::filesystem::is_directory(model_dir))
+    throw std::invalid_argument("--ckpt " + opt.ckpt + ": a ring run needs a prepare_model directory; run: prepare_model " + opt.ckpt +
+                                " --n-nodes " + std::to_string(n_nodes) + " --out DIR, then pass --ckpt DIR");
+  mdi::NodeChunk own = mdi::open_node_chunk(model_dir, n_nodes, 0);
+  const auto manifest = mdi::ChunkManifest::load(mdi::manifest_path(model_dir, n_nodes));
+  if (!opt.chunk.empty()) own = mdi::open_chunk_file(manifest, manifest.starter(), opt.chunk);
+  auto tokenizer_path = opt.tokenizer.empty() ? own.reader->tokenizer() : optional_path(opt.tokenizer);
+  if (!tokenizer_path) throw std::invalid_argument(model_dir.string() + " holds no tokenizer; pass --tokenizer PATH");
+  auto tokenizer = mdi::load_tokenizer(*tokenizer_path);
+  const auto dtype = opt.dtype.empty() ? mdi::default_dtype(device) : mdi::parse_dtype(opt.dtype);
+
+  mdi::ModelConfig config = manifest.model;
+  if (opt.block_size > 0) config.max_seq_len = std::min(config.max_seq_len, opt.block_size);
+  auto samples = make_samples(opt, *tokenizer, config);
+  spdlog::info("ring of {} nodes; the starter holds layers [{}, {}) + embedding + head, {} on {}", n_nodes, own.entry.layer_begin,
+               own.entry.layer_end, mdi::dtype_name(dtype), device.str());
+  auto chunk = mdi::load_chunk(*own.reader, own.spec(), device, dtype);
+
+  mdi::Cluster cluster(nodes, nodes_json);
+  mdi::RunSettings settings;
+  settings.run_id = std::random_device{}() | (uint64_t(std::random_device{}()) << 32);
+  settings.dtype = mdi::dtype_name(dtype);
+  settings.device = opt.device_given ? opt.device : "";
+  settings.max_seq_len = config.max_seq_len;
+  settings.upload_chunks = opt.upload_chunks;
+  try {
+    cluster.init_all(manifest, mdi::manifest_path(model_dir, n_nodes).parent_path(), settings);
+    mdi::LinkOptions link_options;
+    link_options.on_error = [](const std::string& error) { spdlog::error("{}", error); };
+    mdi::RingLinks links = mdi::connect_ring(nodes, 0, settings.run_id, link_options);
+    spdlog::info("ring up: {} samples in flight", samples.size());
+
+    TextPrinter printer(*tokenizer, samples.size());
+    mdi::StageStats starter_stats;
+    mdi::RingGenerationOptions ring_options;
+    ring_options.send_timeout = nodes.timeouts.receive;
+    ring_options.drain_timeout = nodes.timeouts.receive;
+    auto stats = mdi::run_starter_ring(chunk, links, samples, [&](const mdi::SampleProgress& s, int64_t token) { printer.on_token(s, token); },
+                                       starter_stats, ring_options);
+    nlohmann::json node_stats = cluster.status_all();
+    node_stats["starter"] = starter_stats.to_json();
+    auto in = links.from_prev->stats(), out = links.to_next->stats();
+    node_stats["starter"]["bytes_in"] = in.bytes_in;
+    node_stats["starter"]["bytes_out"] = out.bytes_out;
+    nlohmann::json extra = {{"nodes", node_stats}, {"n_nodes", n_nodes}};
+    cluster.stop_all(opt.keep_nodes);
+    write_outputs(opt, samples, *tokenizer, stats, &extra);
+    return 0;
+  } catch (...) {
+    // The survivors go back to idle, ready for another run.
+    cluster.stop_all(true);
+    throw;
+  }
+}
+
+int run(const StarterOptions& opt) {
+  mdi::init_torch_runtime(opt.threads);
+  if (opt.nodes_config.empty()) return run_standalone(opt, mdi::parse_device(opt.device));
+  std::ifstream in(opt.nodes_config);
+  if (!in) throw std::invalid_argument("--nodes-config " + opt.nodes_config + ": cannot open");
+  nlohmann::json nodes_json;
+  try {
+    nodes_json = nlohmann::json::parse(in);
+  } catch (const std::exception& e) {
+    throw std::invalid_argument(opt.nodes_config + ": malformed JSON: " + e.what());
+  }
+  mdi::NodesConfig nodes = mdi::parse_nodes_config(nodes_json, opt.nodes_config);
+  if (const char* token = std::getenv("MDI_TOKEN"); token && *token) nodes.auth_token = token;
+  // --device on the command line wins over the node's configured device.
+  const std::string device = opt.device_given || nodes.starter.device.empty() ? opt.device : nodes.starter.device;
+  if (nodes.secondaries.empty()) return run_standalone(opt, mdi::parse_device(device));
+  return run_distributed(opt, nodes, nodes_json, mdi::parse_device(device));
 }
 
 }  // namespace
@@ -123,7 +224,9 @@ int main(int argc, char** argv) {
       "norm and the LM head; pushes config and chunks to the secondaries, then drives the activation ring with\n"
       "--n-samples samples in flight. Without --nodes-config it generates alone, in one process."};
   app.option_defaults()->always_capture_default();
-  app.add_option("--ckpt", opt.ckpt, "Model: llama2.c .bin, Hugging Face directory, or prepare_model output directory")->required();
+  app.add_option("--ckpt", opt.ckpt,
+                 "Model: prepare_model output directory (needed for a ring), or for standalone runs also a llama2.c .bin or a\n"
+                 "Hugging Face directory")->required();
   app.add_option("--tokenizer", opt.tokenizer, "Tokenizer file (tokenizer.bin / tokenizer.model / tokenizer.json); default: the model's own");
   app.add_option("--nodes-config", opt.nodes_config, "MDI-LLM nodes-config JSON; absent or \"secondary\": [] runs standalone");
   app.add_option("--prompt", opt.prompt, "Prompt text, or FILE:path with one prompt per paragraph (samples cycle over them)");
@@ -131,7 +234,7 @@ int main(int argc, char** argv) {
   app.add_option("--n-tokens", opt.n_tokens, "New tokens per sample (a stop token ends a sample earlier)")->check(CLI::NonNegativeNumber);
   app.add_option("--block-size,--sequence-length,--context-length", opt.block_size,
                  "Context length cap (default: the model's)")->check(CLI::NonNegativeNumber);
-  app.add_option("--device", opt.device, "cpu, cuda or cuda:N");
+  auto* device = app.add_option("--device", opt.device, "cpu, cuda or cuda:N; overrides the devices of the nodes-config");
   app.add_option("--dtype", opt.dtype, "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)");
   app.add_option("--seed", opt.seed, "Random seed; each sample draws from its own stream");
   app.add_option("--temperature", opt.temperature, "Sampling temperature; 0 is greedy")->check(CLI::NonNegativeNumber);
@@ -141,8 +244,12 @@ int main(int argc, char** argv) {
   app.add_option("--time-run", opt.time_run, "Write time vs generated tokens as CSV to this file");
   app.add_flag("-p,--plots", opt.plots, "With --time-run: also write an SVG plot beside the CSV");
   app.add_option("--threads", opt.threads, "CPU threads for LibTorch (0: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--chunk", opt.chunk, "The starter's chunk file (default: from the --ckpt directory's manifest)");
+  app.add_flag("--keep-nodes", opt.keep_nodes, "Leave the secondaries running and idle after the run, for another starter");
+  app.add_flag("--upload-chunks", opt.upload_chunks, "Upload every secondary's chunk over HTTP, even where it may be on the node's disk");
   app.add_flag("-v,--verbose", opt.verbosity, "More log detail (-v debug, -vv trace)");
   CLI11_PARSE(app, argc, argv);
+  opt.device_given = device->count() > 0;
 
   mdi::setup_logging(opt.verbosity, "starter");
   try {

@@ -1,0 +1,65 @@
+#pragma once
+// Recurrent pipeline parallelism over the ring, on top of common/transport.
+//
+//   starter:    samples ─▶ run_layers ─▶ to_next ══▶ secondary 0 ══▶ … ══▶ from_prev ─▶ run_head ─▶ next token
+//   secondary:  from_prev ─▶ forward(own layers, own KV cache of that sample) ─▶ to_next
+//
+// Each node keeps the KV caches of the layers it holds, one per sample; a
+// SampleStop frame passing through frees them. With n_samples >= n_nodes every
+// node has a frame to work on while the others work on theirs.
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/frame.hpp"
+#include "common/generation.hpp"
+#include "common/model.hpp"
+#include "common/transport.hpp"
+
+namespace mdi {
+
+// Hidden states as a frame payload (raw bytes of the tensor's own dtype), and back.
+Frame activations_frame(uint32_t sample_id, uint32_t start_pos, const torch::Tensor& hidden);
+// Checks the frame against the model (dim, dtype) before viewing its bytes.
+torch::Tensor activations_tensor(const Frame& frame, int64_t dim, torch::ScalarType dtype);
+
+// Figures a node reports about its part of a run.
+class StageStats {
+ public:
+  void add_compute(double seconds);
+  void add_wait(double seconds);
+  void frame_done();
+  void set_live_samples(size_t n);
+  nlohmann::json to_json() const;  // compute_s, idle_s, frames, live_samples
+
+ private:
+  mutable std::mutex mutex_;
+  double compute_s_ = 0, idle_s_ = 0;
+  uint64_t frames_ = 0;
+  size_t live_samples_ = 0;
+};
+
+// A secondary's loop: runs its layers on every Activations frame and passes the
+// result on, until a RunStop has passed through (returns) or `cancel` is set
+// (returns). Throws LinkError naming the peer when a link fails, and
+// ProtocolError on a frame that makes no sense here.
+void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& stats, const std::atomic<bool>& cancel,
+                         std::chrono::milliseconds send_timeout);
+
+struct RingGenerationOptions {
+  size_t max_in_flight = 16;  // frames in the ring at once: stays below what its queues hold, so sends never deadlock
+  std::chrono::milliseconds send_timeout{10'000};
+  std::chrono::milliseconds drain_timeout{10'000};  // for the RunStop to come back around
+};
+
+// The starter's side of a run: every sample to its stop, then a RunStop around
+// the ring. `chunk` holds the embedding, the starter's layers and the head.
+// Throws LinkError naming the node when the ring breaks.
+RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector<SampleProgress>& samples,
+                          const TokenCallback& on_token, StageStats& stats, const RingGenerationOptions& options);
+
+}  // namespace mdi
