@@ -150,7 +150,7 @@ torch::Tensor ModelChunk::attention(const LayerWeights& w, const torch::Tensor& 
   return project(out, w.wo);
 }
 
-torch::Tensor ModelChunk::run_layers(const torch::Tensor& input, KvCache& cache, int64_t start_pos) const {
+torch::Tensor ModelChunk::run_layers(const torch::Tensor& input, KvCache& cache, int64_t start_pos, const LayerHook& hook) const {
   c10::InferenceMode inference;
   const int64_t T = input.size(0);
   if (start_pos < 0 || start_pos + T > config_.max_seq_len)
@@ -159,6 +159,7 @@ torch::Tensor ModelChunk::run_layers(const torch::Tensor& input, KvCache& cache,
 
   torch::Tensor x = spec_.embedding ? weights_.embedding.index_select(0, input.to(device_, torch::kLong))
                                     : input.to(device_, dtype_);
+  if (hook && spec_.embedding) hook(kEmbeddingLayer, x);
   for (int64_t l = 0; l < spec_.layers.size(); ++l) {
     const LayerWeights& w = weights_.layers[l];
     // attention block, residual
@@ -166,6 +167,7 @@ torch::Tensor ModelChunk::run_layers(const torch::Tensor& input, KvCache& cache,
     // SwiGLU feed-forward block, residual
     auto gate_up = project(rms_norm(x, w.ffn_norm), w.w_gate_up).chunk(2, -1);
     x = x + project(torch::silu(gate_up[0]) * gate_up[1], w.w_down);
+    if (hook) hook(spec_.layers.begin + l, x);
   }
   return x;
 }
@@ -177,8 +179,9 @@ torch::Tensor ModelChunk::run_head(const torch::Tensor& hidden, bool last_only) 
   return project(rms_norm(x, weights_.final_norm), weights_.lm_head).to(torch::kFloat32);
 }
 
-torch::Tensor ModelChunk::forward(const torch::Tensor& input, KvCache& cache, int64_t start_pos, bool last_only) const {
-  torch::Tensor hidden = run_layers(input, cache, start_pos);
+torch::Tensor ModelChunk::forward(const torch::Tensor& input, KvCache& cache, int64_t start_pos, bool last_only,
+                                  const LayerHook& hook) const {
+  torch::Tensor hidden = run_layers(input, cache, start_pos, hook);
   return spec_.head ? run_head(hidden, last_only) : hidden;
 }
 

@@ -5,6 +5,7 @@
 // that holds everything; the same forward() serves every node.
 #include <torch/torch.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -67,6 +68,12 @@ class KvCache {
   std::vector<torch::Tensor> k_, v_;  // per layer: (n_kv_heads, capacity, head_dim)
 };
 
+// Sees, and may change, the residual stream (T, dim) of one forward pass: after
+// the embedding (layer kEmbeddingLayer) and after each layer (global index).
+// Capture and interventions hook in here, on whichever node holds the layer.
+using LayerHook = std::function<void(int64_t layer, torch::Tensor& hidden)>;
+inline constexpr int64_t kEmbeddingLayer = -1;
+
 struct ContextLengthError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -78,12 +85,13 @@ class ModelChunk {
   // input: token ids (T) int64 when the chunk holds the embedding, else hidden states (T, dim).
   // Positions start_pos .. start_pos + T - 1. Returns logits (T, vocab) float32 when the chunk
   // holds the head (only the last row when last_only), else hidden states (T, dim).
-  torch::Tensor forward(const torch::Tensor& input, KvCache& cache, int64_t start_pos, bool last_only = true) const;
+  torch::Tensor forward(const torch::Tensor& input, KvCache& cache, int64_t start_pos, bool last_only = true,
+                        const LayerHook& hook = nullptr) const;
 
   // The two halves of forward(), for the starter, whose ring passes through the
   // secondaries between them: embedding (if held) and layers → hidden (T, dim);
   // and hidden (T, dim) → final norm and head → logits float32.
-  torch::Tensor run_layers(const torch::Tensor& input, KvCache& cache, int64_t start_pos) const;
+  torch::Tensor run_layers(const torch::Tensor& input, KvCache& cache, int64_t start_pos, const LayerHook& hook = nullptr) const;
   torch::Tensor run_head(const torch::Tensor& hidden, bool last_only = true) const;
 
   KvCache new_cache() const;
