@@ -2,7 +2,6 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
-#include <sentencepiece_processor.h>
 
 #include <algorithm>
 #include <array>
@@ -209,11 +208,191 @@ class PieceTokenizer : public Tokenizer {
 };
 
 // ---------------------------------------------------------------------------
-// llama2.c tokenizer.bin, encoded exactly as run.c's encode()
+// SentencePiece BPE. A llama2.c tokenizer.bin and a SentencePiece
+// tokenizer.model spell the same kind of vocabulary (scored pieces, a space
+// for ▁, <0xNN> byte pieces); one encoder serves both. For a .bin it is
+// run.c's encode(), for a .model SentencePiece's BPE encoding: the two agree
+// on the Llama 2 vocabulary.
 
-class Llama2cTokenizer : public PieceTokenizer {
+// SentencePiece's ModelProto.SentencePiece.Type values.
+enum class PieceType { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6 };
+
+struct ScoredPiece {
+  std::string text;  // ▁ as ' ', bytes as "<0xNN>"
+  float score = 0;
+  PieceType type = PieceType::kNormal;
+};
+
+// What SentencePiece's normalizer with no normalization rule ("identity")
+// does to the text before BPE sees it.
+struct TextRules {
+  bool add_dummy_prefix = true;           // a space in front of non-empty text
+  bool remove_extra_whitespaces = false;  // strip leading and trailing spaces, collapse runs of them
+  // SentencePiece reads the text as UTF-8: a byte outside a valid character
+  // becomes U+FFFD, and U+2581 is a space (it escapes ' ' to ▁). run.c takes
+  // the bytes as they come.
+  bool sentencepiece_text = false;
+};
+
+class SentencePieceBpeTokenizer : public PieceTokenizer {
  public:
-  explicit Llama2cTokenizer(const fs::path& path) {
+  std::vector<int> encode(const std::string& text, bool add_bos) const override {
+    const std::string normalized = normalize(text);
+    // While merging, a user-defined piece is id + frozen: it stays one symbol, as in SentencePiece.
+    const int frozen = static_cast<int>(pieces_.size());
+    std::vector<int> symbols;
+    // BOS takes part in the pairs, as in run.c; a SentencePiece BOS is a control piece, which never merges.
+    if (add_bos) symbols.push_back(bos_id_);
+    for (size_t i = 0; i < normalized.size();) {
+      if (const int id = user_defined_at(normalized, i); id >= 0) {
+        symbols.push_back(id + frozen);
+        i += pieces_[id].text.size();
+        continue;
+      }
+      // run.c's characters: a byte and up to 3 continuation bytes after it
+      // (for the valid UTF-8 SentencePiece normalizes to: its characters).
+      size_t length = 1;
+      while (length < 4 && i + length < normalized.size() &&
+             (static_cast<uint8_t>(normalized[i + length]) & 0xC0) == 0x80) {
+        ++length;
+      }
+      const std::string c = normalized.substr(i, length);
+      i += length;
+      if (const auto it = piece_ids_.find(c); it != piece_ids_.end()) {
+        symbols.push_back(it->second);
+      } else if (byte_fallback_) {
+        for (char byte : c) {
+          const int byte_id = byte_ids_[static_cast<uint8_t>(byte)];
+          symbols.push_back(byte_id >= 0 ? byte_id : unk_id_);
+        }
+      } else if (unk_id_ >= 0) {
+        symbols.push_back(unk_id_);
+      } else {
+        throw TokenizerError(path_.string() + ": no token for \"" + c + "\" and neither byte pieces nor <unk>");
+      }
+    }
+    // A merge into an UNUSED piece is undone at the end, as SentencePiece
+    // does: remember the pair each one was last queued from.
+    std::unordered_map<int, std::pair<int, int>> unused_from;
+    auto find_merge = [&](int left, int right) -> std::optional<Merge> {
+      if (left >= frozen || right >= frozen || !mergeable(left) || !mergeable(right)) return std::nullopt;
+      const auto it = piece_ids_.find(pieces_[left].text + pieces_[right].text);
+      if (it == piece_ids_.end()) return std::nullopt;
+      if (pieces_[it->second].type == PieceType::kUnused) unused_from[it->second] = {left, right};
+      return Merge{-pieces_[it->second].score, it->second};
+    };
+    std::vector<int> ids;
+    for (int id : merge_symbols(std::move(symbols), find_merge)) {
+      // Without byte fallback SentencePiece gives a run of unknown characters one <unk>.
+      if (id == unk_id_ && !byte_fallback_ && !ids.empty() && ids.back() == unk_id_) continue;
+      resegment(id >= frozen ? id - frozen : id, unused_from, ids);
+    }
+    return ids;
+  }
+
+ protected:
+  explicit SentencePieceBpeTokenizer(fs::path path) : path_(std::move(path)) { byte_ids_.fill(-1); }
+
+  // Once a loader has filled the members below: the lookups and the outputs.
+  // Pieces that merges and characters may become are NORMAL, USER_DEFINED
+  // and UNUSED ones (a .bin has no other). On a duplicate piece the first
+  // wins (run.c's binary search picks either) unless `duplicates_are_errors`.
+  void index(bool duplicates_are_errors) {
+    for (size_t id = 0; id < pieces_.size(); ++id) {
+      const ScoredPiece& piece = pieces_[id];
+      if (mergeable(static_cast<int>(id)) && !piece_ids_.emplace(piece.text, static_cast<int>(id)).second &&
+          duplicates_are_errors) {
+        fail(path_, "piece " + std::to_string(id) + " \"" + piece.text + "\" is defined twice");
+      }
+      if (piece.type == PieceType::kUserDefined) {
+        user_defined_by_first_byte_[static_cast<uint8_t>(piece.text[0])].push_back(static_cast<int>(id));
+      }
+      const bool special = piece.type == PieceType::kControl || static_cast<int>(id) == bos_id_ ||
+                           static_cast<int>(id) == eos_id_;
+      outputs_.push_back({sentencepiece_piece_bytes(piece.text), special});
+    }
+    for (auto& bucket : user_defined_by_first_byte_) {
+      std::stable_sort(bucket.begin(), bucket.end(),
+                       [this](int a, int b) { return pieces_[a].text.size() > pieces_[b].text.size(); });
+    }
+    // SentencePiece's decoder drops the leading space under the same condition.
+    drop_space_after_bos_ = rules_.add_dummy_prefix || rules_.remove_extra_whitespaces;
+  }
+
+  fs::path path_;
+  std::vector<ScoredPiece> pieces_;  // indexed by id
+  TextRules rules_;
+  bool byte_fallback_ = true;   // a character with no piece becomes its byte pieces
+  std::array<int, 256> byte_ids_;  // -1 where there is no <0xNN> piece (that byte becomes unk_id_)
+  int unk_id_ = -1;             // -1: none
+
+ private:
+  bool mergeable(int id) const {
+    const PieceType type = pieces_[id].type;
+    return type == PieceType::kNormal || type == PieceType::kUserDefined || type == PieceType::kUnused;
+  }
+
+  std::string normalize(const std::string& text) const {
+    std::string_view rest = text;
+    if (rules_.remove_extra_whitespaces) {
+      while (!rest.empty() && rest.front() == ' ') rest.remove_prefix(1);
+    }
+    if (rest.empty()) return "";
+    std::string normalized = rules_.add_dummy_prefix ? " " : "";
+    if (!rules_.sentencepiece_text) return normalized.append(rest);
+    bool after_space = false;
+    for (size_t i = 0; i < rest.size();) {
+      const Utf8Scan scan = scan_utf8(rest, i);
+      if (scan.kind != Utf8Scan::kChar) {  // SentencePiece replaces one byte at a time
+        normalized += kReplacementChar;
+        after_space = false;
+        ++i;
+        continue;
+      }
+      const std::string_view c = rest.substr(i, scan.length);
+      i += scan.length;
+      if (c == " ") {
+        if (!(after_space && rules_.remove_extra_whitespaces)) normalized += ' ';
+        after_space = true;
+      } else {
+        normalized += c == kSentencePieceSpace ? std::string_view(" ") : c;
+        after_space = false;
+      }
+    }
+    // Trailing ▁ go, whether they were ' ' or U+2581 (the dummy prefix too, if nothing else is left).
+    if (rules_.remove_extra_whitespaces) {
+      while (!normalized.empty() && normalized.back() == ' ') normalized.pop_back();
+    }
+    return normalized;
+  }
+
+  // The longest user-defined piece at text[i], or -1.
+  int user_defined_at(const std::string& text, size_t i) const {
+    for (int id : user_defined_by_first_byte_[static_cast<uint8_t>(text[i])]) {
+      if (text.compare(i, pieces_[id].text.size(), pieces_[id].text) == 0) return id;
+    }
+    return -1;
+  }
+
+  void resegment(int id, const std::unordered_map<int, std::pair<int, int>>& unused_from,
+                 std::vector<int>& ids) const {
+    const auto it = unused_from.find(id);
+    if (pieces_[id].type != PieceType::kUnused || it == unused_from.end()) {
+      ids.push_back(id);
+      return;
+    }
+    resegment(it->second.first, unused_from, ids);
+    resegment(it->second.second, unused_from, ids);
+  }
+
+  std::unordered_map<std::string, int> piece_ids_;  // mergeable pieces
+  std::array<std::vector<int>, 256> user_defined_by_first_byte_;  // each longest first
+};
+
+// llama2.c tokenizer.bin, encoded exactly as run.c's encode()
+class Llama2cTokenizer : public SentencePieceBpeTokenizer {
+ public:
+  explicit Llama2cTokenizer(const fs::path& path) : SentencePieceBpeTokenizer(path) {
     const std::string data = read_file_bytes(path);
     // Layout (host byte order, as export.py wrote it): int32 max_token_length,
     // then per token float32 score, int32 length, bytes; the count is implicit.
@@ -233,92 +412,276 @@ class Llama2cTokenizer : public PieceTokenizer {
                        " bytes announced at byte " + std::to_string(offset - 4) + ", " +
                        std::to_string(data.size() - offset) + " left");
       }
-      pieces_.push_back(data.substr(offset, length));
-      scores_.push_back(score);
+      // No types in a .bin: run.c lets every piece, BOS and <0xNN> included, take part in merges.
+      pieces_.push_back({data.substr(offset, length), score, PieceType::kNormal});
       offset += length;
     }
-    if (pieces_.size() < kFirstByteId + 256) {
+    if (pieces_.size() < size_t{kFirstByteId} + 256) {
       fail(path, "only " + std::to_string(pieces_.size()) +
                      " tokens; a llama2.c vocabulary has BOS 1, EOS 2 and byte tokens 3..258");
     }
-    // Duplicate pieces would make run.c's binary search pick either; keep the first.
-    for (size_t id = 0; id < pieces_.size(); ++id) piece_ids_.emplace(pieces_[id], static_cast<int>(id));
-    const auto space = piece_ids_.find(" ");
-    if (space == piece_ids_.end()) fail(path, "no \" \" token, which encoding prepends to every text");
-    dummy_prefix_id_ = space->second;
-
-    bos_id_ = kBos;
-    eos_id_ = kEos;
-    for (size_t id = 0; id < pieces_.size(); ++id) {
-      outputs_.push_back({sentencepiece_piece_bytes(pieces_[id]), id == size_t{kBos} || id == size_t{kEos}});
+    if (std::none_of(pieces_.begin(), pieces_.end(), [](const ScoredPiece& p) { return p.text == " "; })) {
+      fail(path, "no \" \" token, which encoding prepends to every text");
     }
-  }
-
-  std::vector<int> encode(const std::string& text, bool add_bos) const override {
-    std::vector<int> ids;
-    if (add_bos) ids.push_back(kBos);
-    if (!text.empty()) ids.push_back(dummy_prefix_id_);
-    // run.c's codepoints: a byte and up to 3 continuation bytes after it.
-    for (size_t i = 0; i < text.size();) {
-      size_t length = 1;
-      while (length < 4 && i + length < text.size() && (static_cast<uint8_t>(text[i + length]) & 0xC0) == 0x80) {
-        ++length;
-      }
-      const std::string codepoint = text.substr(i, length);
-      if (const auto it = piece_ids_.find(codepoint); it != piece_ids_.end()) {
-        ids.push_back(it->second);
-      } else {
-        for (char byte : codepoint) ids.push_back(static_cast<uint8_t>(byte) + kFirstByteId);
-      }
-      i += length;
-    }
-    // BOS takes part in the pairs, as in run.c (no piece ever starts with its "\n<s>\n").
-    return merge_symbols(std::move(ids), [this](int left, int right) -> std::optional<Merge> {
-      const auto it = piece_ids_.find(pieces_[left] + pieces_[right]);
-      if (it == piece_ids_.end()) return std::nullopt;
-      return Merge{-scores_[it->second], it->second};
-    });
+    bos_id_ = 1;
+    eos_id_ = 2;
+    for (int byte = 0; byte < 256; ++byte) byte_ids_[byte] = byte + kFirstByteId;
+    index(false);
   }
 
  private:
-  static constexpr int kBos = 1;
-  static constexpr int kEos = 2;
-  static constexpr size_t kFirstByteId = 3;  // <0x00>; byte b is token b + 3
-
-  std::vector<std::string> pieces_;  // as stored: spaces as ' ', bytes as "<0xNN>"
-  std::vector<float> scores_;
-  std::unordered_map<std::string, int> piece_ids_;
-  int dummy_prefix_id_ = -1;
+  static constexpr int kFirstByteId = 3;  // <0x00>; byte b is token b + 3
 };
 
 // ---------------------------------------------------------------------------
-// SentencePiece tokenizer.model
+// SentencePiece tokenizer.model: a serialized ModelProto (sentencepiece_model.proto),
+// read with a small protobuf wire-format reader rather than libsentencepiece,
+// whose embedded protobuf clashes with LibTorch's libprotobuf in one process.
 
-class SentencePieceTokenizer : public PieceTokenizer {
+class ProtoReader {
  public:
-  explicit SentencePieceTokenizer(const fs::path& path) {
-    if (const auto status = processor_.Load(path.string()); !status.ok()) {
-      fail(path, "not a SentencePiece model: " + status.ToString());
+  enum WireType { kVarint = 0, kFixed64 = 1, kLengthDelimited = 2, kFixed32 = 5 };
+  struct Field {
+    uint64_t number;
+    int wire_type;
+    size_t at;  // file offset of its key
+  };
+
+  // `start`: where `data` begins in the file, for error messages.
+  ProtoReader(const fs::path& path, std::string_view data, size_t start) : path_(path), data_(data), start_(start) {}
+
+  bool at_end() const { return pos_ == data_.size(); }
+
+  Field next_field() {
+    const size_t at = offset();
+    const uint64_t key = varint();
+    const Field field{key >> 3, static_cast<int>(key & 7), at};
+    if (field.number == 0) corrupt("field number 0", at);
+    if (field.wire_type == 3 || field.wire_type == 4 || field.wire_type > 5) {
+      corrupt("field " + std::to_string(field.number) + " with unsupported wire type " +
+                  std::to_string(field.wire_type),
+              at);
     }
-    bos_id_ = processor_.bos_id();
-    eos_id_ = processor_.eos_id();
-    const int size = processor_.GetPieceSize();
-    for (int id = 0; id < size; ++id) {
-      outputs_.push_back({sentencepiece_piece_bytes(processor_.IdToPiece(id)), processor_.IsControl(id)});
+    return field;
+  }
+
+  uint64_t varint_field(const Field& field) {
+    expect(field, kVarint);
+    return varint();
+  }
+  int32_t int32_field(const Field& field) { return static_cast<int32_t>(varint_field(field)); }
+  bool bool_field(const Field& field) { return varint_field(field) != 0; }
+
+  float float_field(const Field& field) {
+    expect(field, kFixed32);
+    const std::string_view bytes = take(4, "float");
+    const uint32_t bits = static_cast<uint32_t>(static_cast<uint8_t>(bytes[0])) |
+                          static_cast<uint32_t>(static_cast<uint8_t>(bytes[1])) << 8 |
+                          static_cast<uint32_t>(static_cast<uint8_t>(bytes[2])) << 16 |
+                          static_cast<uint32_t>(static_cast<uint8_t>(bytes[3])) << 24;
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+  }
+
+  std::string_view bytes_field(const Field& field) {
+    expect(field, kLengthDelimited);
+    const size_t at = offset();
+    const uint64_t length = varint();
+    if (length > data_.size() - pos_) {
+      corrupt("field " + std::to_string(field.number) + " announces " + std::to_string(length) + " bytes, " +
+                  std::to_string(data_.size() - pos_) + " left",
+              at);
+    }
+    return take(length, "");
+  }
+
+  ProtoReader message_field(const Field& field) {
+    const std::string_view bytes = bytes_field(field);
+    return ProtoReader(path_, bytes, start_ + static_cast<size_t>(bytes.data() - data_.data()));
+  }
+
+  void skip(const Field& field) {
+    switch (field.wire_type) {
+      case kVarint: varint(); break;
+      case kFixed64: take(8, "64-bit field"); break;
+      case kLengthDelimited: bytes_field(field); break;
+      case kFixed32: take(4, "32-bit field"); break;
     }
   }
 
-  std::vector<int> encode(const std::string& text, bool add_bos) const override {
-    std::vector<int> ids;
-    if (const auto status = processor_.Encode(text, &ids); !status.ok()) {
-      throw TokenizerError("SentencePiece encode failed: " + status.ToString());
-    }
-    if (add_bos) ids.insert(ids.begin(), bos_id_);
-    return ids;
+  [[noreturn]] void corrupt(const std::string& problem, size_t at) const {
+    fail(path_, "not a SentencePiece model: " + problem + " at byte " + std::to_string(at));
   }
 
  private:
-  sentencepiece::SentencePieceProcessor processor_;
+  size_t offset() const { return start_ + pos_; }
+
+  uint64_t varint() {
+    const size_t at = offset();
+    uint64_t value = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (pos_ == data_.size()) corrupt("truncated varint", at);
+      const auto byte = static_cast<uint8_t>(data_[pos_++]);
+      value |= static_cast<uint64_t>(byte & 0x7F) << shift;
+      if (!(byte & 0x80)) return value;
+    }
+    corrupt("varint longer than 10 bytes", at);
+  }
+
+  std::string_view take(size_t n, const char* what) {
+    if (n > data_.size() - pos_) corrupt(std::string("truncated ") + what, offset());
+    const std::string_view bytes = data_.substr(pos_, n);
+    pos_ += n;
+    return bytes;
+  }
+
+  void expect(const Field& field, WireType wire_type) const {
+    if (field.wire_type != wire_type) {
+      corrupt("field " + std::to_string(field.number) + " has wire type " + std::to_string(field.wire_type) +
+                  ", expected " + std::to_string(wire_type),
+              field.at);
+    }
+  }
+
+  const fs::path& path_;
+  std::string_view data_;
+  size_t start_;
+  size_t pos_ = 0;
+};
+
+class SentencePieceModelTokenizer : public SentencePieceBpeTokenizer {
+ public:
+  explicit SentencePieceModelTokenizer(const fs::path& path) : SentencePieceBpeTokenizer(path) {
+    const std::string data = read_file_bytes(path);
+    ProtoReader model(path, data, 0);
+    Trainer trainer;
+    Normalizer normalizer;
+    bool has_trainer_spec = false;
+    while (!model.at_end()) {  // ModelProto
+      const ProtoReader::Field field = model.next_field();
+      if (field.number == 1) {
+        read_piece(model.message_field(field), field.at);
+      } else if (field.number == 2) {
+        read_trainer(model.message_field(field), trainer);
+        has_trainer_spec = true;
+      } else if (field.number == 3) {
+        read_normalizer(model.message_field(field), normalizer);
+      } else {
+        model.skip(field);
+      }
+    }
+    if (pieces_.empty()) fail(path, "not a SentencePiece model: no pieces");
+    if (!has_trainer_spec) fail(path, "not a SentencePiece model: no trainer_spec (truncated?)");
+
+    if (trainer.model_type != kBpe) {
+      const char* const names[] = {"UNIGRAM", "BPE", "WORD", "CHAR"};
+      const std::string type = trainer.model_type >= 1 && trainer.model_type <= 4
+                                   ? names[trainer.model_type - 1]
+                                   : "model_type " + std::to_string(trainer.model_type);
+      fail(path, "only BPE SentencePiece models are supported; this one is " + type);
+    }
+    if (trainer.treat_whitespace_as_suffix) fail(path, "unsupported treat_whitespace_as_suffix");
+    if (!normalizer.precompiled_charsmap.empty()) {
+      fail(path, "unsupported normalization rule \"" + normalizer.name + "\" (only identity is)");
+    }
+    if (!normalizer.escape_whitespaces) fail(path, "unsupported escape_whitespaces false");
+    rules_ = {normalizer.add_dummy_prefix, normalizer.remove_extra_whitespaces, true};
+    byte_fallback_ = trainer.byte_fallback;
+
+    // The checks SentencePiece makes on loading.
+    for (size_t id = 0; id < pieces_.size(); ++id) {
+      const ScoredPiece& piece = pieces_[id];
+      const std::string what = "piece " + std::to_string(id) + " \"" + piece.text + "\"";
+      if (piece.type == PieceType::kUnknown) {
+        if (unk_id_ >= 0) fail(path, what + ": a second unknown piece");
+        unk_id_ = static_cast<int>(id);
+      } else if (piece.type == PieceType::kByte) {
+        const auto byte = byte_fallback_value(piece.text);
+        if (!byte) fail(path, what + " is a byte piece but not <0xNN>");
+        if (!byte_fallback_) fail(path, what + " is a byte piece, but byte_fallback is off");
+        byte_ids_[static_cast<uint8_t>(*byte)] = static_cast<int>(id);
+      }
+    }
+    if (unk_id_ < 0) fail(path, "no unknown piece");
+    bos_id_ = special_id(trainer.bos_id, "bos_id");
+    eos_id_ = special_id(trainer.eos_id, "eos_id");
+    index(true);
+  }
+
+ private:
+  static constexpr uint64_t kBpe = 2;
+
+  struct Trainer {  // the TrainerSpec fields that encoding depends on, with their defaults
+    uint64_t model_type = 1;  // UNIGRAM
+    bool treat_whitespace_as_suffix = false;
+    bool byte_fallback = false;
+    int32_t bos_id = 1;
+    int32_t eos_id = 2;
+  };
+  struct Normalizer {  // NormalizerSpec
+    std::string name;
+    std::string precompiled_charsmap;
+    bool add_dummy_prefix = true;
+    bool remove_extra_whitespaces = true;
+    bool escape_whitespaces = true;
+  };
+
+  void read_piece(ProtoReader message, size_t at) {
+    ScoredPiece piece;
+    while (!message.at_end()) {
+      const ProtoReader::Field field = message.next_field();
+      if (field.number == 1) {
+        piece.text = replace_all(std::string(message.bytes_field(field)), kSentencePieceSpace, " ");
+      } else if (field.number == 2) {
+        piece.score = message.float_field(field);
+      } else if (field.number == 3) {
+        const uint64_t type = message.varint_field(field);
+        if (type < 1 || type > 6) message.corrupt("piece type " + std::to_string(type), field.at);
+        piece.type = static_cast<PieceType>(type);
+      } else {
+        message.skip(field);
+      }
+    }
+    if (piece.text.empty()) message.corrupt("empty piece " + std::to_string(pieces_.size()), at);
+    pieces_.push_back(std::move(piece));
+  }
+
+  static void read_trainer(ProtoReader message, Trainer& trainer) {
+    while (!message.at_end()) {
+      const ProtoReader::Field field = message.next_field();
+      switch (field.number) {
+        case 3: trainer.model_type = message.varint_field(field); break;
+        case 24: trainer.treat_whitespace_as_suffix = message.bool_field(field); break;
+        case 35: trainer.byte_fallback = message.bool_field(field); break;
+        case 41: trainer.bos_id = message.int32_field(field); break;
+        case 42: trainer.eos_id = message.int32_field(field); break;
+        default: message.skip(field);
+      }
+    }
+  }
+
+  static void read_normalizer(ProtoReader message, Normalizer& normalizer) {
+    while (!message.at_end()) {
+      const ProtoReader::Field field = message.next_field();
+      switch (field.number) {
+        case 1: normalizer.name = message.bytes_field(field); break;
+        case 2: normalizer.precompiled_charsmap = message.bytes_field(field); break;
+        case 3: normalizer.add_dummy_prefix = message.bool_field(field); break;
+        case 4: normalizer.remove_extra_whitespaces = message.bool_field(field); break;
+        case 5: normalizer.escape_whitespaces = message.bool_field(field); break;
+        default: message.skip(field);
+      }
+    }
+  }
+
+  int special_id(int32_t id, const char* name) const {
+    if (id < 0 || static_cast<size_t>(id) >= pieces_.size()) {
+      fail(path_, std::string("trainer_spec ") + name + " " + std::to_string(id) + " is not one of the " +
+                      std::to_string(pieces_.size()) + " pieces");
+    }
+    return id;
+  }
 };
 
 // ---------------------------------------------------------------------------
@@ -768,7 +1131,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const fs::path& path) {
   if (!fs::exists(path)) fail(path, "no such file");
   const fs::path extension = path.extension();
   if (extension == ".bin") return std::make_unique<Llama2cTokenizer>(path);
-  if (extension == ".model") return std::make_unique<SentencePieceTokenizer>(path);
+  if (extension == ".model") return std::make_unique<SentencePieceModelTokenizer>(path);
   if (extension == ".json") return std::make_unique<HfTokenizer>(path);
   fail(path, "unknown tokenizer format (expected a llama2.c .bin, a SentencePiece .model or a tokenizer.json)");
 }

@@ -2,7 +2,13 @@
 // Text <-> token ids for the three tokenizer formats the models come with:
 // llama2.c tokenizer.bin, SentencePiece tokenizer.model and Hugging Face
 // tokenizer.json. All of them encode to exactly the ids their reference
-// implementation gives (run.c, libsentencepiece, HF tokenizers).
+// implementation gives (run.c, SentencePiece, HF tokenizers).
+//
+// tokenizer.model is read by our own protobuf reader, not libsentencepiece:
+// Debian's libsentencepiece embeds and exports its own protobuf, which clashes
+// with LibTorch's libprotobuf in one process (a crash at start-up). Only BPE
+// models with the identity normalizer (as Llama 2's) are supported;
+// others (UNIGRAM, nmt_nfkc, ...) are refused with a TokenizerError.
 #include <filesystem>
 #include <memory>
 #include <stdexcept>
@@ -41,7 +47,7 @@ class Tokenizer {
   virtual int vocab_size() const = 0;
 };
 
-// Chooses by file: *.bin -> llama2.c tokenizer, *.model -> SentencePiece,
+// Chooses by file: *.bin -> llama2.c tokenizer, *.model -> SentencePiece BPE,
 // *.json -> Hugging Face tokenizer.json; a directory -> the first of
 // tokenizer.json, tokenizer.model, tokenizer.bin it holds. Throws
 // TokenizerError naming the path and the problem.

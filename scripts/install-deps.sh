@@ -9,7 +9,7 @@ packages=(
   libboost-dev                          # Asio, Beast
   nlohmann-json3-dev libspdlog-dev libcli11-dev
   libgtest-dev libgmock-dev
-  libsentencepiece-dev libpcre2-dev
+  libpcre2-dev                          # pre-tokenizer regexes of tokenizer.json
   libssl-dev                            # SHA-256 of model chunks
   python3 python3-yaml                  # tests/docker_offline_check.py
 )

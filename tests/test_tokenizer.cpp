@@ -1,5 +1,7 @@
 #include "common/tokenizer.hpp"
 
+#include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <map>
 
@@ -97,6 +99,165 @@ TEST(Llama2cTokenizer, Llama2VocabularyInRunCFormatMatchesSentencePiece) {
     SCOPED_TRACE(text);
     EXPECT_EQ(tokenizer.encode(text, false), ids);
     EXPECT_EQ(tokenizer.decode(ids), text);
+  }
+}
+
+TEST(SentencePieceModel, SameIdsAndBytesAsTheLlama2cFileOfTheSameVocabulary) {
+  MDI_REQUIRE_SHARED(shared);
+  const json reference = read_json(shared / "reference/tokenizers.json")["llama2"];
+  const auto& model = tokenizer_at(shared / "tokenizers/llama2/tokenizer.model");
+  const auto& bin = tokenizer_at(shared / "tokenizers/llama2/tokenizer.bin");
+  ASSERT_EQ(model.vocab_size(), bin.vocab_size());
+  for (const json& c : reference["cases"]) {
+    const std::string text = c["text"];
+    SCOPED_TRACE(text);
+    EXPECT_EQ(model.encode(text, false), bin.encode(text, false));
+    EXPECT_EQ(model.encode(text, true), bin.encode(text, true));
+  }
+  for (int id = 0; id < model.vocab_size(); ++id) {
+    ASSERT_EQ(model.token_bytes(29892, id), bin.token_bytes(29892, id)) << "token " << id;
+    ASSERT_EQ(model.token_bytes(1, id), bin.token_bytes(1, id)) << "token " << id;
+  }
+}
+
+// Where SentencePiece's normalizer and run.c part ways: SentencePiece reads
+// U+2581 as a space and each byte outside valid UTF-8 as U+FFFD (30140).
+// The ids are libsentencepiece 0.1.97's.
+TEST(SentencePieceModel, NormalizesTextAsSentencePieceDoes) {
+  MDI_REQUIRE_SHARED(shared);
+  const auto& model = tokenizer_at(shared / "tokenizers/llama2/tokenizer.model");
+  EXPECT_THAT(model.encode("x\u2581y", false), ElementsAre(921, 343));
+  EXPECT_THAT(model.encode("\u2581start", false), ElementsAre(29871, 1369));
+  EXPECT_THAT(model.encode("caf\xC3", false), ElementsAre(274, 2142, 30140));
+  EXPECT_THAT(model.encode("a\xFF" "b", false), ElementsAre(263, 30140, 29890));
+  EXPECT_THAT(model.encode("\xED\xA0\x80", false), ElementsAre(29871, 26308, 30140));
+  // Control and byte pieces are not text: "<s>" and "<0x41>" are spelled out.
+  EXPECT_THAT(model.encode("<s>hi</s>", false), ElementsAre(529, 29879, 29958, 2918, 829, 29879, 29958));
+  EXPECT_THAT(model.encode("<0x41>", false), ElementsAre(529, 29900, 29916, 29946, 29896, 29958));
+  EXPECT_THAT(model.encode("", true), ElementsAre(1));
+}
+
+// ---------------------------------------------------------------------------
+// Hand-built tokenizer.model files: a protobuf writer just big enough for a ModelProto
+
+std::string varint(uint64_t value) {
+  std::string bytes;
+  for (; value >= 0x80; value >>= 7) bytes += static_cast<char>((value & 0x7F) | 0x80);
+  return bytes + static_cast<char>(value);
+}
+std::string varint_field(int number, uint64_t value) { return varint(number << 3) + varint(value); }
+std::string bytes_field(int number, const std::string& bytes) {
+  return varint(number << 3 | 2) + varint(bytes.size()) + bytes;
+}
+std::string float_field(int number, float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  std::string bytes = varint(number << 3 | 5);
+  for (int shift = 0; shift < 32; shift += 8) bytes += static_cast<char>(bits >> shift & 0xFF);
+  return bytes;
+}
+
+enum PieceType { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4 };
+
+std::string piece(const std::string& text, float score, PieceType type = kNormal) {
+  return bytes_field(1, bytes_field(1, text) + float_field(2, score) + varint_field(3, type));
+}
+
+// 0 <unk>, 1 <s>, 2 </s>, 3 ▁, 4 h, 5 i, 6 hi, 7 ▁h, 8 ▁hi, 9 ih (user-defined); no byte pieces.
+// "hi" merges before "▁h", so "▁hi" is built as ▁ + hi. `trainer` and
+// `normalizer` are the TrainerSpec and NormalizerSpec fields.
+std::string small_model(const std::string& trainer, const std::string& normalizer) {
+  return piece("<unk>", 0, kUnknown) + piece("<s>", 0, kControl) + piece("</s>", 0, kControl) + piece("▁", 0) +
+         piece("h", 0) + piece("i", 0) + piece("hi", -1) + piece("▁h", -2) + piece("▁hi", -3) +
+         piece("ih", 0, kUserDefined) + bytes_field(2, trainer) + bytes_field(3, normalizer);
+}
+const std::string kBpe = varint_field(3, 2);  // TrainerSpec.model_type
+
+std::unique_ptr<mdi::Tokenizer> load_model(const mdi::test::ScratchDir& dir, const std::string& bytes) {
+  write_bytes(dir / "tokenizer.model", bytes);
+  return mdi::load_tokenizer(dir / "tokenizer.model");
+}
+
+TEST(SentencePieceModel, HandBuiltBpeModelWithTheDefaultNormalizer) {
+  mdi::test::ScratchDir dir;
+  // NormalizerSpec: name "identity", the rest default: dummy prefix, remove extra whitespaces.
+  const auto tokenizer = load_model(dir, small_model(kBpe, bytes_field(1, "identity")));
+  EXPECT_EQ(tokenizer->vocab_size(), 10);
+  EXPECT_EQ(tokenizer->bos_id(), 1);
+  EXPECT_EQ(tokenizer->eos_id(), 2);
+  EXPECT_THAT(tokenizer->encode("hi", true), ElementsAre(1, 8));
+  // Leading and trailing spaces go, runs of them become one.
+  EXPECT_THAT(tokenizer->encode("  hi   hi ", false), ElementsAre(8, 8));
+  EXPECT_THAT(tokenizer->encode("   ", true), ElementsAre(1));
+  // No byte pieces: a run of unknown characters is one <unk>.
+  EXPECT_THAT(tokenizer->encode("h\u00e9\u20aci", false), ElementsAre(7, 0, 5));
+  // A user-defined piece is matched first and never merged.
+  EXPECT_THAT(tokenizer->encode("hih", false), ElementsAre(7, 9));
+  EXPECT_EQ(tokenizer->decode({8, 8}), "hi hi");
+  EXPECT_EQ(tokenizer->token_bytes(1, 8), "hi");
+  EXPECT_EQ(tokenizer->token_bytes(1, 1), "");
+}
+
+TEST(SentencePieceModel, TrainerAndNormalizerSpecsAreHonoured) {
+  mdi::test::ScratchDir dir;
+  // remove_extra_whitespaces off, add_dummy_prefix off; BOS 2 and EOS 1.
+  const std::string normalizer = varint_field(3, 0) + varint_field(4, 0);
+  const auto tokenizer = load_model(dir, small_model(kBpe + varint_field(41, 2) + varint_field(42, 1), normalizer));
+  EXPECT_EQ(tokenizer->bos_id(), 2);
+  EXPECT_EQ(tokenizer->eos_id(), 1);
+  EXPECT_THAT(tokenizer->encode(" hi  hi", true), ElementsAre(2, 8, 3, 8));
+  EXPECT_THAT(tokenizer->encode("hi", false), ElementsAre(6));
+  // No dummy prefix, so no space to drop after BOS either.
+  EXPECT_EQ(tokenizer->decode({8, 6}), " hihi");
+}
+
+TEST(SentencePieceModel, UnsupportedModelsAreRejected) {
+  mdi::test::ScratchDir dir;
+  const auto path = (dir / "tokenizer.model").string();
+  auto error = [&](const std::string& bytes) { return error_of([&] { load_model(dir, bytes); }); };
+  // model_type unset is UNIGRAM.
+  EXPECT_THAT(error(small_model("", "")), HasSubstr(path + ": only BPE SentencePiece models are supported; this one is UNIGRAM"));
+  EXPECT_THAT(error(small_model(kBpe, bytes_field(1, "nmt_nfkc") + bytes_field(2, "charsmap"))),
+              HasSubstr(path + ": unsupported normalization rule \"nmt_nfkc\""));
+  EXPECT_THAT(error(small_model(kBpe + varint_field(41, 10), "")), HasSubstr("bos_id 10 is not one of the 10 pieces"));
+  EXPECT_THAT(error(small_model(kBpe, "") + piece("hi", 0)), HasSubstr("piece 10 \"hi\" is defined twice"));
+  EXPECT_THAT(error(small_model(kBpe, "") + piece("<0x41>", 0, PieceType(6))),
+              HasSubstr("is a byte piece, but byte_fallback is off"));
+}
+
+TEST(SentencePieceModel, CorruptFilesNameThePathAndTheByte) {
+  mdi::test::ScratchDir dir;
+  const auto path = (dir / "tokenizer.model").string();
+  auto error = [&](const std::string& bytes) { return error_of([&] { load_model(dir, bytes); }); };
+  const std::string model = small_model(kBpe, "");
+  // Cut anywhere: a truncated field, or (cut between pieces) no trainer_spec.
+  // Not the (empty, optional) normalizer_spec at the end: without it the model is whole.
+  for (size_t size = 0; size < model.size() - bytes_field(3, "").size(); ++size) {
+    SCOPED_TRACE(size);
+    EXPECT_THAT(error(model.substr(0, size)), HasSubstr(path + ": not a SentencePiece model: "));
+  }
+  EXPECT_THAT(error(model.substr(0, 1)), HasSubstr(path + ": not a SentencePiece model: truncated varint at byte 1"));
+  // Piece 0 announcing 2^32 - 1 bytes.
+  EXPECT_THAT(error("\x0A\xFF\xFF\xFF\xFF\x0F" + model),
+              HasSubstr(path + ": not a SentencePiece model: field 1 announces 4294967295 bytes, " +
+                        std::to_string(model.size()) + " left at byte 1"));
+  // A piece whose text is a varint: the offset is within the file, not within the piece.
+  EXPECT_THAT(error(piece("<unk>", 0, kUnknown) + bytes_field(1, varint_field(1, 7))),
+              HasSubstr("field 1 has wire type 0, expected 2 at byte " +
+                        std::to_string(piece("<unk>", 0, kUnknown).size() + 2)));
+  EXPECT_THAT(error(model + "\x0F"), HasSubstr("unsupported wire type 7 at byte " + std::to_string(model.size())));
+}
+
+TEST(SentencePieceModel, TruncatedLlama2ModelNamesThePathAndTheByte) {
+  MDI_REQUIRE_SHARED(shared);
+  mdi::test::ScratchDir dir;
+  const std::string model = mdi::test::read_file(shared / "tokenizers/llama2/tokenizer.model");
+  for (size_t size : {size_t{1}, size_t{2}, size_t{100}, model.size() / 3, model.size() - 1}) {
+    SCOPED_TRACE(size);
+    write_bytes(dir / "tokenizer.model", model.substr(0, size));
+    const std::string error = error_of([&] { mdi::load_tokenizer(dir / "tokenizer.model"); });
+    EXPECT_THAT(error, HasSubstr((dir / "tokenizer.model").string() + ": not a SentencePiece model: "));
+    EXPECT_THAT(error, HasSubstr(" at byte "));
   }
 }
 
