@@ -154,7 +154,9 @@ void write_synthetic_tokenizer(const fs::path& path, int64_t vocab_size) {
     std::snprintf(hex, sizeof hex, "<0x%02X>", b);
     pieces.push_back(hex);
   }
-  // Filler pieces: " a" … " z", " aa" …, unique, so encode finds merges for plain words.
+  // Printable ASCII as single characters (" " among them: encoding prepends it to
+  // every text), then filler pieces " a" … " z", " aa" …, so plain words merge.
+  for (char c = ' '; c <= '~' && static_cast<int64_t>(pieces.size()) < vocab_size; ++c) pieces.push_back(std::string(1, c));
   for (int64_t n = 0; static_cast<int64_t>(pieces.size()) < vocab_size; ++n) {
     std::string word;
     for (int64_t k = n; ; k = k / 26 - 1) {
@@ -167,7 +169,7 @@ void write_synthetic_tokenizer(const fs::path& path, int64_t vocab_size) {
   for (auto& p : pieces) max_len = std::max(max_len, p.size());
   put_i32(static_cast<int32_t>(max_len));
   for (size_t i = 0; i < pieces.size(); ++i) {
-    put_f32(i < 259 ? 0.0f : -static_cast<float>(i));
+    put_f32(i < 259 + 95 ? 0.0f : -static_cast<float>(i));
     put_i32(static_cast<int32_t>(pieces[i].size()));
     out += pieces[i];
   }

@@ -139,6 +139,7 @@ void SecondaryNode::run_ring(InitRequest request) {
   try {
     LinkOptions link_options;
     link_options.on_error = [](const std::string& error) { spdlog::error("{}", error); };
+    link_options.setup_cancel = &cancel_;
     RingLinks links = connect_ring(request.nodes, ring_index, request.run_id, link_options);
     {
       std::lock_guard lock(mutex_);

@@ -590,7 +590,9 @@ std::unique_ptr<Link> connect_next(const NodesConfig& config, size_t my_ring_ind
   // The next node may not be listening yet: retry, a little less eagerly each time.
   milliseconds backoff(20);
   constexpr milliseconds kMaxBackoff(1000);
+  auto cancelled = [&] { return options.setup_cancel && options.setup_cancel->load(); };
   for (int attempt = 1;; ++attempt) {
+    if (cancelled()) throw RingSetupError(doing + ": cancelled");
     tcp::socket socket(socket_context());
     try {
       socket.open(local.protocol());
@@ -635,6 +637,9 @@ RingLinks connect_ring(const NodesConfig& config, size_t my_ring_index, uint64_t
     accepted.wait();
     throw;
   }
+  // The previous node may still be on its way; a cancel request wakes the accept.
+  while (accepted.wait_for(milliseconds(50)) != std::future_status::ready)
+    if (options.setup_cancel && options.setup_cancel->load()) listener.cancel();
   links.from_prev = accepted.get();
   return links;
 }

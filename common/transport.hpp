@@ -12,6 +12,7 @@
 // connect_ring). Sending queues the frame for the link's writer; received frames
 // land in the link's inbound queue. When a link fails it closes its inbound queue
 // with an error naming the peer and what was being done, and calls on_error once.
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -50,6 +51,10 @@ struct LinkOptions {
   // Called once, from one of the link's threads, with the link's error. It may call
   // Link::close() but must not destroy the link.
   std::function<void(const std::string& error)> on_error;
+  // When set and it becomes true, ring setup (connect_ring, connect_next) gives up
+  // within about a second with RingSetupError "cancelled": a node told to stop
+  // must not sit out the connect and accept timeouts.
+  const std::atomic<bool>* setup_cancel = nullptr;
 };
 
 class Link {

@@ -82,6 +82,9 @@ class TextPrinter {
 
 std::vector<mdi::SampleProgress> make_samples(const StarterOptions& opt, const mdi::Tokenizer& tokenizer,
                                               const mdi::ModelConfig& config) {
+  if (tokenizer.vocab_size() > config.vocab_size)
+    throw std::invalid_argument("the tokenizer has " + std::to_string(tokenizer.vocab_size()) + " tokens, the model only " +
+                                std::to_string(config.vocab_size) + ": pass the model's own tokenizer (--tokenizer)");
   const auto prompts = mdi::read_prompts(opt.prompt);
   mdi::SamplingParams params{opt.temperature, opt.top_k, opt.top_p};
   std::vector<mdi::SampleProgress> samples;

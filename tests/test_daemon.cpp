@@ -1,0 +1,384 @@
+// The secondary daemon against bad input, auth, and a dying peer: live
+// processes on loopback. After every bad input the daemon still answers.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <fstream>
+#include <future>
+#include <nlohmann/json.hpp>
+
+#include "common/checkpoint.hpp"
+#include "common/control_plane.hpp"
+#include "common/frame.hpp"
+#include "common/init_request.hpp"
+#include "common/model_store.hpp"
+#include "common/transport.hpp"
+#include "tests/support.hpp"
+
+namespace {
+namespace fs = std::filesystem;
+using mdi::test::ChildProcess;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+// A loopback nodes-config of n nodes on free ports, with short timeouts.
+nlohmann::json loopback_config(size_t n_nodes, const std::string& auth_token = "", uint64_t max_frame_bytes = 0) {
+  auto node = [](bool secondary) {
+    nlohmann::json n = {{"addr", "127.0.0.1"},
+                        {"communication", {{"port", mdi::test::free_tcp_port()}}},
+                        {"inference", {{"port_in", mdi::test::free_tcp_port()}, {"port_out", mdi::test::free_tcp_port()}}}};
+    if (secondary) n["communication"]["starter_addr"] = "127.0.0.1";
+    return n;
+  };
+  nlohmann::json config = {{"nodes", {{"starter", node(false)}, {"secondary", nlohmann::json::array()}}}};
+  for (size_t i = 1; i < n_nodes; ++i) config["nodes"]["secondary"].push_back(node(true));
+  config["timeouts"] = {{"connect_s", 5}, {"accept_s", 5}, {"receive_s", 3}, {"http_init_s", 20}, {"heartbeat_s", 0.5}};
+  if (!auth_token.empty()) config["auth_token"] = auth_token;
+  if (max_frame_bytes) config["max_frame_bytes"] = max_frame_bytes;
+  return config;
+}
+
+class Daemon : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    reader_ = mdi::open_random("random:stories260K", 1);
+    model_dir_ = dir_ / "model";
+    mdi::write_model_directory(*reader_, model_dir_, torch::kFloat32, "random", nullptr);
+    for (size_t n : {2, 3}) mdi::write_chunks(model_dir_, mdi::balanced_layer_counts(reader_->config(), n), nullptr);
+  }
+
+  fs::path write_config(const nlohmann::json& config, const std::string& name) {
+    const fs::path path = dir_ / (name + ".json");
+    std::ofstream(path) << config.dump(2);
+    return path;
+  }
+
+  std::unique_ptr<ChildProcess> start_secondary(const fs::path& config, size_t index, std::map<std::string, std::string> env = {}) {
+    return std::make_unique<ChildProcess>(
+        std::vector<std::string>{(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", config.string(), std::to_string(index),
+                                 "--threads", "1", "--chunk-cache", (dir_ / ("cache" + std::to_string(index))).string()},
+        dir_.path(), config.stem().string() + "-secondary" + std::to_string(index), env);
+  }
+
+  // Waits until the daemon answers /status (it may still be starting).
+  mdi::HttpResult status(mdi::ControlClient& client) {
+    return mdi::request_with_retry(client, "GET", "/status", nullptr, seconds(20));
+  }
+
+  // A valid /init for secondary `index` of `config`.
+  nlohmann::json init_body(const nlohmann::json& config, size_t index, uint64_t run_id) {
+    const size_t n_nodes = config["nodes"]["secondary"].size() + 1;
+    auto manifest = mdi::ChunkManifest::load(mdi::manifest_path(model_dir_, n_nodes));
+    const auto& entry = manifest.secondary(static_cast<int64_t>(index));
+    mdi::InitRequest r;
+    r.run_id = run_id;
+    r.ring_index = index + 1;
+    r.nodes_json = config;
+    r.nodes = mdi::parse_nodes_config(config, "test");
+    r.model = manifest.model;
+    r.layer_begin = entry.layer_begin;
+    r.layer_end = entry.layer_end;
+    r.dtype = "float32";
+    r.max_seq_len = manifest.model.max_seq_len;
+    r.chunk_sha256 = entry.sha256;
+    r.chunk_path = (mdi::manifest_path(model_dir_, n_nodes).parent_path() / entry.file).string();
+    return r.to_json();
+  }
+
+  mdi::test::ScratchDir dir_;
+  std::unique_ptr<mdi::CheckpointReader> reader_;
+  fs::path model_dir_;
+};
+
+TEST_F(Daemon, BadControlPlaneInputGetsAClearErrorAndTheDaemonKeepsServing) {
+  auto config = loopback_config(2);
+  auto secondary = start_secondary(write_config(config, "badhttp"), 0);
+  mdi::ControlClient client("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>());
+  ASSERT_EQ(status(client).body["state"], "idle");
+
+  struct Case {
+    std::string body;
+    int status;
+    std::string expect;
+  };
+  auto impossible = init_body(config, 0, 1);
+  impossible["layers"] = {3, 9};
+  auto missing = init_body(config, 0, 1);
+  missing.erase("model");
+  auto wrong_index = init_body(config, 0, 1);
+  wrong_index["ring_index"] = 5;
+  const std::vector<Case> cases = {
+      {"{not json", 400, "malformed JSON"},
+      {"{}", 400, "missing field"},
+      {missing.dump(), 400, "\"model\""},
+      {impossible.dump(), 400, "impossible"},
+      {wrong_index.dump(), 400, "ring_index 5"},
+      {std::string(2 << 20, ' '), 413, ""},
+  };
+  for (auto& c : cases) {
+    mdi::ControlClient raw("127.0.0.1", client.port());
+    auto body = nlohmann::json::parse(c.body, nullptr, false);
+    mdi::HttpResult result{0, nullptr};
+    if (body.is_discarded()) {
+      // the client only sends JSON it built; send the broken text as a raw body
+      const fs::path file = dir_ / "body.txt";
+      std::ofstream(file) << c.body;
+      result = raw.upload_file("POST", "/init", file);
+    } else {
+      result = raw.request("POST", "/init", &body);
+    }
+    EXPECT_EQ(result.status, c.status) << c.body.substr(0, 40) << " → " << result.body;
+    if (!c.expect.empty()) EXPECT_NE(result.body.value("error", std::string()).find(c.expect), std::string::npos) << result.body;
+    EXPECT_EQ(status(client).body["state"], "idle") << "after " << c.body.substr(0, 40);
+  }
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
+// Plays the starter of a 2-node ring by hand: accepts the secondary's
+// connection with the real transport, and opens its own connection to the
+// secondary's port_in from a raw socket, so it can send anything.
+class HandRing {
+ public:
+  HandRing(const nlohmann::json& config, uint64_t run_id) : config_(mdi::parse_nodes_config(config, "test")), run_id_(run_id) {
+    listener_ = std::make_unique<mdi::RingListener>(config_, 0);
+    accepted_ = std::async(std::launch::async, [this] { return listener_->accept_prev(run_id_, {}); });
+  }
+
+  // Connects from the starter's port_out and exchanges Hellos; returns the socket.
+  int connect_and_hello() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    ::setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in local{AF_INET, htons(config_.starter.port_out), {htonl(INADDR_LOOPBACK)}, {}};
+    EXPECT_EQ(::bind(fd_, reinterpret_cast<sockaddr*>(&local), sizeof local), 0);
+    sockaddr_in remote{AF_INET, htons(config_.secondaries[0].port_in), {htonl(INADDR_LOOPBACK)}, {}};
+    bool connected = mdi::test::wait_until([&] { return ::connect(fd_, reinterpret_cast<sockaddr*>(&remote), sizeof remote) == 0; }, seconds(10));
+    EXPECT_TRUE(connected);
+    send_frame(mdi::make_hello_frame({0, 2, run_id_}));
+    uint8_t reply[mdi::kFrameHeaderBytes + mdi::kHelloPayloadBytes];
+    size_t got = 0;
+    while (got < sizeof reply) {
+      ssize_t n = ::recv(fd_, reply + got, sizeof reply - got, 0);
+      if (n <= 0) break;
+      got += size_t(n);
+    }
+    EXPECT_EQ(got, sizeof reply) << "no Hello back from the secondary";
+    return fd_;
+  }
+
+  void send_frame(const mdi::Frame& frame) {
+    uint8_t header[mdi::kFrameHeaderBytes];
+    mdi::encode_header(frame.header, header);
+    send_bytes(header, sizeof header);
+    send_bytes(frame.payload.data(), frame.payload.size());
+  }
+  void send_bytes(const void* data, size_t n) { ASSERT_EQ(::send(fd_, data, n, MSG_NOSIGNAL), ssize_t(n)); }
+  void close_socket() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  ~HandRing() {
+    close_socket();
+    listener_->cancel();
+    try {
+      accepted_.get();
+    } catch (...) {
+    }
+  }
+
+ private:
+  mdi::NodesConfig config_;
+  uint64_t run_id_;
+  std::unique_ptr<mdi::RingListener> listener_;
+  std::future<std::unique_ptr<mdi::Link>> accepted_;
+  int fd_ = -1;
+};
+
+TEST_F(Daemon, BadFramesEndThatRunWithAClearErrorAndTheDaemonGoesBackToIdle) {
+  auto config = loopback_config(2, "", /*max_frame_bytes=*/64 * 1024);
+  auto secondary = start_secondary(write_config(config, "badframes"), 0);
+  mdi::ControlClient client("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>());
+  ASSERT_EQ(status(client).body["state"], "idle");
+
+  auto header_bytes = [](mdi::FrameHeader h) {
+    std::vector<uint8_t> bytes(mdi::kFrameHeaderBytes);
+    mdi::encode_header(h, bytes.data());
+    return bytes;
+  };
+  auto activations = [](uint32_t tokens, uint32_t dim) {
+    mdi::FrameHeader h;
+    h.type = mdi::FrameType::Activations;
+    h.n_tokens = tokens;
+    h.ndim = 2;
+    h.shape = {tokens, dim, 0, 0};
+    h.payload_bytes = uint64_t(tokens) * dim * 4;
+    return h;
+  };
+  struct Case {
+    std::string name;
+    std::vector<uint8_t> bytes;
+    std::string expect;
+  };
+  std::vector<Case> cases;
+  {
+    auto b = header_bytes(activations(1, 64));
+    b[0] ^= 0xff;
+    cases.push_back({"wrong magic", b, "magic"});
+  }
+  {
+    auto b = header_bytes(activations(1, 64));
+    b[4] = 9;
+    cases.push_back({"wrong version", b, "version"});
+  }
+  {
+    auto b = header_bytes(activations(1, 64));
+    b[6] = 77;
+    cases.push_back({"unknown type", b, "type"});
+  }
+  {
+    auto h = activations(1, 64);
+    h.payload_bytes = 100;
+    cases.push_back({"shape does not match payload", header_bytes(h), "payload"});
+  }
+  cases.push_back({"payload over the configured maximum", header_bytes(activations(1024, 64)), "payload"});
+  {
+    auto b = header_bytes(activations(1, 64));
+    b.resize(b.size() + 100);  // 256 bytes announced, 100 sent, then the connection closes
+    cases.push_back({"truncated frame", b, "closed"});
+  }
+  {
+    auto h = activations(1, 32);  // well-formed frame, wrong hidden size for this model
+    auto b = header_bytes(h);
+    b.resize(b.size() + 128);
+    cases.push_back({"wrong hidden size", b, "expected [n_tokens, 64]"});
+  }
+
+  uint64_t run_id = 100;
+  for (auto& c : cases) {
+    ++run_id;
+    auto body = init_body(config, 0, run_id);
+    ASSERT_EQ(client.request("POST", "/init", &body).status, 200) << c.name;
+    {
+      HandRing ring(config, run_id);
+      ring.connect_and_hello();
+      ring.send_bytes(c.bytes.data(), c.bytes.size());
+      if (c.name == "truncated frame") ring.close_socket();
+      // the run ends on the secondary, which goes back to idle and says why
+      bool idle = mdi::test::wait_until([&] {
+        auto s = client.request("GET", "/status").body;
+        return s["state"] == "idle" && s.contains("last_error");
+      }, seconds(15));
+      EXPECT_TRUE(idle) << c.name;
+    }
+    auto s = client.request("GET", "/status").body;
+    EXPECT_NE(s.value("last_error", "").find(c.expect), std::string::npos) << c.name << ": " << s;
+  }
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
+TEST_F(Daemon, DataPortRefusesAConnectionThatIsNotThePreviousNode) {
+  auto config = loopback_config(2);
+  auto secondary = start_secondary(write_config(config, "stranger"), 0);
+  mdi::ControlClient client("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>());
+  ASSERT_EQ(status(client).body["state"], "idle");
+  auto body = init_body(config, 0, 7);
+  ASSERT_EQ(client.request("POST", "/init", &body).status, 200);
+  // a stranger: right address, but not the previous node's source port
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in remote{AF_INET, htons(config["nodes"]["secondary"][0]["inference"]["port_in"].get<uint16_t>()), {htonl(INADDR_LOOPBACK)}, {}};
+  ASSERT_TRUE(mdi::test::wait_until([&] { return ::connect(fd, reinterpret_cast<sockaddr*>(&remote), sizeof remote) == 0; }, seconds(10)));
+  char byte;
+  EXPECT_EQ(::recv(fd, &byte, 1, 0), 0) << "the stranger's connection should be closed";
+  ::close(fd);
+  // the real previous node is still accepted afterwards
+  {
+    HandRing ring(config, 7);
+    ring.connect_and_hello();
+    EXPECT_TRUE(mdi::test::wait_until([&] { return client.request("GET", "/status").body["state"] == "running"; }, seconds(10)));
+  }
+  EXPECT_TRUE(mdi::test::wait_until([&] { return client.request("GET", "/status").body["state"] == "idle"; }, seconds(15)));
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0);
+}
+
+TEST_F(Daemon, WithATokenEveryRequestNeedsItAndTheStarterSendsIt) {
+  auto config = loopback_config(2, "s3cret");
+  const fs::path path = write_config(config, "auth");
+  auto secondary = start_secondary(path, 0);
+  const auto port = config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>();
+  mdi::ControlClient anonymous("127.0.0.1", port), wrong("127.0.0.1", port, "nope"), right("127.0.0.1", port, "s3cret");
+  ASSERT_EQ(mdi::request_with_retry(right, "GET", "/status", nullptr, seconds(20)).status, 200);
+  EXPECT_EQ(anonymous.request("GET", "/status").status, 401);
+  auto body = init_body(config, 0, 3);
+  EXPECT_EQ(anonymous.request("POST", "/init", &body).status, 401);
+  EXPECT_EQ(wrong.request("POST", "/init", &body).status, 401);
+  EXPECT_EQ(right.request("GET", "/status").body["state"], "idle") << "a refused /init must not start anything";
+
+  auto starter = [&](std::map<std::string, std::string> env) {
+    ChildProcess p({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(), "--n-tokens",
+                    "8", "--prompt", "a", "--keep-nodes", "--threads", "1"},
+                   dir_.path(), "auth-starter", env);
+    auto code = p.wait(seconds(120));
+    return std::make_pair(code.value_or(-1), p.err());
+  };
+  auto [bad_code, bad_err] = starter({{"MDI_TOKEN", "nope"}});
+  EXPECT_EQ(bad_code, 1);
+  EXPECT_NE(bad_err.find("401"), std::string::npos) << bad_err;
+  auto [good_code, good_err] = starter({});
+  EXPECT_EQ(good_code, 0) << good_err;
+  EXPECT_EQ(right.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0);
+}
+
+TEST_F(Daemon, WithoutATokenRequestsAreServed) {
+  auto config = loopback_config(2);
+  auto secondary = start_secondary(write_config(config, "noauth"), 0);
+  mdi::ControlClient client("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>());
+  EXPECT_EQ(status(client).status, 200);
+  auto body = init_body(config, 0, 9);
+  EXPECT_EQ(client.request("POST", "/init", &body).status, 200);
+  EXPECT_EQ(client.request("POST", "/reset").status, 200);
+  EXPECT_EQ(client.request("GET", "/status").body["state"], "idle");
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0);
+}
+
+TEST_F(Daemon, ASecondaryKilledMidRunStopsTheStarterWithin10sNamingIt) {
+  auto config = loopback_config(3);
+  config.erase("timeouts");  // the defaults are what users get
+  const fs::path path = write_config(config, "kill");
+  auto s0 = start_secondary(path, 0), s1 = start_secondary(path, 1);
+  mdi::ControlClient c0("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>());
+  mdi::ControlClient c1("127.0.0.1", config["nodes"]["secondary"][1]["communication"]["port"].get<uint16_t>());
+  ASSERT_EQ(status(c0).status, 200);
+  ASSERT_EQ(status(c1).status, 200);
+  ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(),
+                        "--n-samples", "3", "--n-tokens", "500", "--prompt", "a", "--threads", "1"},
+                       dir_.path(), "kill-starter");
+  ASSERT_TRUE(mdi::test::wait_until([&] {
+    auto s = c1.request("GET", "/status").body;
+    return s["state"] == "running" && s["stage"]["frames"].get<int64_t>() > 10;
+  }, seconds(60))) << starter.err();
+  s1->kill(SIGKILL);
+  const auto killed_at = std::chrono::steady_clock::now();
+  auto code = starter.wait(seconds(10));
+  ASSERT_TRUE(code.has_value()) << "the starter did not stop within 10 s of the kill";
+  EXPECT_LT(std::chrono::steady_clock::now() - killed_at, seconds(10));
+  EXPECT_NE(*code, 0);
+  const std::string err = starter.err();
+  EXPECT_NE(err.find("ring index 2"), std::string::npos) << err;
+  EXPECT_NE(err.find("127.0.0.1:"), std::string::npos) << err;
+  // the survivor is idle, answers, and takes a new /init
+  EXPECT_TRUE(mdi::test::wait_until([&] { return c0.request("GET", "/status").body["state"] == "idle"; }, seconds(15)));
+  auto body = init_body(config, 0, 42);
+  EXPECT_EQ(c0.request("POST", "/init", &body).status, 200);
+  EXPECT_EQ(c0.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(s0->wait(seconds(40)), 0);
+}
+
+}  // namespace
