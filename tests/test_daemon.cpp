@@ -131,7 +131,9 @@ TEST_F(Daemon, BadControlPlaneInputGetsAClearErrorAndTheDaemonKeepsServing) {
       result = raw.request("POST", "/init", &body);
     }
     EXPECT_EQ(result.status, c.status) << c.body.substr(0, 40) << " → " << result.body;
-    if (!c.expect.empty()) EXPECT_NE(result.body.value("error", std::string()).find(c.expect), std::string::npos) << result.body;
+    if (!c.expect.empty()) {
+      EXPECT_NE(result.body.value("error", std::string()).find(c.expect), std::string::npos) << result.body;
+    }
     EXPECT_EQ(status(client).body["state"], "idle") << "after " << c.body.substr(0, 40);
   }
   EXPECT_EQ(client.request("PUT", "/stop").status, 200);
