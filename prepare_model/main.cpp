@@ -31,9 +31,11 @@ struct PrepareOptions {
   int verbosity = 0;
 };
 
-// A progress bar on stderr: redrawn in place on a terminal, a log line every 10% otherwise.
+// A progress bar on stderr: redrawn in place on a terminal, a log line every 10%
+// otherwise (for work big enough to take a while).
 class ProgressBar {
  public:
+  static constexpr uint64_t kLoggedBytes = 256ull << 20;
   explicit ProgressBar(std::string label) : label_(std::move(label)), tty_(::isatty(2)), start_(std::chrono::steady_clock::now()) {}
   void operator()(uint64_t done, uint64_t total) {
     const double fraction = total ? double(done) / double(total) : 1.0;
@@ -44,7 +46,7 @@ class ProgressBar {
       std::fprintf(stderr, "\r%s [%s%s] %5.1f%% %8.1f / %.1f MiB  %.0f MiB/s", label_.c_str(), std::string(filled, '#').c_str(),
                    std::string(width - filled, '.').c_str(), 100 * fraction, double(done) / (1 << 20), double(total) / (1 << 20), mib_s);
       if (done >= total) std::fputc('\n', stderr);
-    } else if (int(fraction * 10) > last_decile_ || done >= total) {
+    } else if (total >= kLoggedBytes && (int(fraction * 10) > last_decile_ || done >= total)) {
       last_decile_ = int(fraction * 10);
       spdlog::info("{}: {:.0f}% ({:.1f} of {:.1f} MiB, {:.0f} MiB/s)", label_, 100 * fraction, double(done) / (1 << 20),
                    double(total) / (1 << 20), mib_s);

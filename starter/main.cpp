@@ -226,7 +226,8 @@ int main(int argc, char** argv) {
       "starter: runs a Llama model split across nodes (MDI-LLM style). Holds the embedding, the first layers, the final\n"
       "norm and the LM head; pushes config and chunks to the secondaries, then drives the activation ring with\n"
       "--n-samples samples in flight. Without --nodes-config it generates alone, in one process."};
-  app.option_defaults()->always_capture_default();
+  // The last of a repeated option wins, so scripts can append overrides to a default command line.
+  app.option_defaults()->always_capture_default()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--ckpt", opt.ckpt,
                  "Model: prepare_model output directory (needed for a ring), or for standalone runs also a llama2.c .bin or a\n"
                  "Hugging Face directory")->required();
