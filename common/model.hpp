@@ -59,6 +59,12 @@ class KvCache {
   torch::Tensor values(int64_t layer, int64_t len) const;
   int64_t capacity() const { return capacity_; }
   int64_t bytes() const;
+  // Makes room for positions [0, len), growing every layer at once.
+  void reserve(int64_t len);
+  // The whole buffers of `layer`, (n_kv_heads, capacity, head_dim), for kernels that
+  // write and read positions in place (after reserve()).
+  const torch::Tensor& key_buffer(int64_t layer) const { return k_[layer]; }
+  const torch::Tensor& value_buffer(int64_t layer) const { return v_[layer]; }
 
  private:
   void grow(int64_t needed);
@@ -70,6 +76,7 @@ class KvCache {
 
 // Sees, and may change, the residual stream (T, dim) of one forward pass: after
 // the embedding (layer kEmbeddingLayer) and after each layer (global index).
+// It is in the chunk's activation dtype (float32 on CPU, the weights' dtype elsewhere).
 // Capture and interventions hook in here, on whichever node holds the layer.
 using LayerHook = std::function<void(int64_t layer, torch::Tensor& hidden)>;
 inline constexpr int64_t kEmbeddingLayer = -1;
@@ -99,18 +106,32 @@ class ModelChunk {
   const ModelConfig& config() const { return config_; }
   const ChunkSpec& spec() const { return spec_; }
   torch::Device device() const { return device_; }
+  // The weights' dtype: what hidden states in and out of the chunk carry.
   torch::ScalarType dtype() const { return dtype_; }
+  // What the residual stream and the KV caches hold inside: float32 on CPU, where
+  // the weights may be bf16 or f16 and every product accumulates in float32; dtype() elsewhere.
+  torch::ScalarType activation_dtype() const { return act_dtype_; }
   int64_t parameter_bytes() const;
 
  private:
-  torch::Tensor attention(const LayerWeights& w, const torch::Tensor& x, KvCache& cache, int64_t layer, int64_t start_pos) const;
+  // One step each of the forward pass. On CPU they run this file's fused float32
+  // kernels; elsewhere ATen ops.
+  torch::Tensor activations(const torch::Tensor& x) const;
+  // run_layers() without the conversion to dtype() at the end: (T, dim) in the activation dtype.
+  torch::Tensor residual_stream(const torch::Tensor& input, KvCache& cache, int64_t start_pos, const LayerHook& hook) const;
+  torch::Tensor embed(const torch::Tensor& ids) const;
   torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight) const;
+  torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w) const;
+  torch::Tensor residual_project(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& w) const;
+  torch::Tensor attention(const torch::Tensor& qkv, KvCache& cache, int64_t layer, int64_t start_pos) const;
+  torch::Tensor swiglu(const torch::Tensor& gate_up) const;
 
   ModelConfig config_;
   ChunkSpec spec_;
   ChunkWeights weights_;
   torch::Device device_;
-  torch::ScalarType dtype_;
+  torch::ScalarType dtype_, act_dtype_;
+  bool cpu_kernels_;                   // device is the CPU: the fused kernels run
   torch::Tensor rope_cos_, rope_sin_;  // (max_seq_len, head_dim / 2), float32
 };
 
