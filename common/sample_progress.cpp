@@ -135,7 +135,8 @@ nlohmann::json results_json(const std::vector<SampleProgress>& samples, const To
   out["stats"] = {{"prefill_s", stats.prefill_s},
                   {"decode_s", stats.decode_s},
                   {"generated_tokens", stats.generated_tokens},
-                  {"tokens_per_s", stats.tokens_per_s()}};
+                  {"tokens_per_s", stats.tokens_per_s()},
+                  {"token_times", stats.token_times}};
   if (extra_stats)
     for (auto& [k, v] : extra_stats->items()) out["stats"][k] = v;
   return out;

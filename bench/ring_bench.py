@@ -1,0 +1,237 @@
+#!/usr/bin/python3
+"""Ring benchmark: standalone against 2- and 3-node rings on loopback, with
+n_samples = 1, n_nodes and 2 x n_nodes; optionally with every node in its own
+network namespace behind a tbf bandwidth limit (root only).
+
+Prints a Markdown table and writes it, the raw JSON and a PNG plot of
+cumulative time against generated tokens (MDI-LLM's figure) to bench/results/.
+
+    bench/ring_bench.py                          # stories260K (../shared) + random nanollama-304m, loopback
+    bench/ring_bench.py --netns 1gbit,100mbit    # also in namespaces at those rates (root)
+    bench/ring_bench.py --models stories260K --n-tokens 200
+"""
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIN = ROOT / "build" / "bin"
+RESULTS = ROOT / "bench" / "results"
+SHARED = ROOT.parent / "shared"
+
+
+def sh(cmd, **kw):
+    print("+", " ".join(map(str, cmd)), file=sys.stderr)
+    return subprocess.run(list(map(str, cmd)), check=True, **kw)
+
+
+def build():
+    sh(["bash", ROOT / "scripts/install-deps.sh"])
+    # the plot; Debian's package, for Debian's /usr/bin/python3 that runs this script
+    if subprocess.run(["dpkg", "-s", "python3-matplotlib"], capture_output=True).returncode != 0:
+        sh(["apt-get", "install", "-y", "-q", "python3-matplotlib"])
+    sh(["cmake", "-S", ROOT, "-B", ROOT / "build", "-DCMAKE_BUILD_TYPE=Release"], stdout=subprocess.DEVNULL)
+    sh(["cmake", "--build", ROOT / "build", "-j", str(os.cpu_count()), "--target", "starter", "secondary", "prepare_model"])
+
+
+def prepare(model, work):
+    """Model directory split for 1, 2 and 3 nodes."""
+    if model == "stories260K" and (SHARED / "models/stories260K/stories260K.bin").exists():
+        source = SHARED / "models/stories260K/stories260K.bin"
+    else:
+        source = f"random:{model}"
+    out = work / model
+    for n in (1, 2, 3):
+        sh([BIN / "prepare_model", source, "--n-nodes", n, "--out", out], stdout=subprocess.DEVNULL)
+    return out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node(addr, secondary):
+    n = {"addr": addr, "communication": {"port": free_port()}, "inference": {"port_in": free_port(), "port_out": free_port()}}
+    if secondary:
+        n["communication"]["starter_addr"] = "127.0.0.1"
+    return n
+
+
+class Netns:
+    """Each node in its own namespace, joined by a bridge namespace; tbf on every node's egress."""
+
+    def __init__(self, n_nodes, rate):
+        self.names = [f"mdibench{i}" for i in range(n_nodes)]
+        self.addrs = [f"10.213.0.{i + 1}" for i in range(n_nodes)]
+        self.rate = rate
+        self.bridge = "mdibenchbr"
+
+    def __enter__(self):
+        self.cleanup()
+        sh(["ip", "netns", "add", self.bridge])
+        sh(["ip", "netns", "exec", self.bridge, "ip", "link", "add", "br0", "type", "bridge"])
+        sh(["ip", "netns", "exec", self.bridge, "ip", "link", "set", "br0", "up"])
+        for i, (name, addr) in enumerate(zip(self.names, self.addrs)):
+            sh(["ip", "netns", "add", name])
+            sh(["ip", "link", "add", f"mdiv{i}", "netns", name, "type", "veth", "peer", "name", f"mdib{i}", "netns", self.bridge])
+            sh(["ip", "netns", "exec", self.bridge, "ip", "link", "set", f"mdib{i}", "master", "br0", "up"])
+            sh(["ip", "netns", "exec", name, "ip", "addr", "add", f"{addr}/24", "dev", f"mdiv{i}"])
+            sh(["ip", "netns", "exec", name, "ip", "link", "set", f"mdiv{i}", "up"])
+            sh(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"])
+            sh(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", f"mdiv{i}", "root", "tbf",
+                "rate", self.rate, "burst", "256kb", "latency", "50ms"])
+        return self
+
+    def prefix(self, i):
+        return ["ip", "netns", "exec", self.names[i]]
+
+    def cleanup(self):
+        for name in getattr(self, "names", []) + [self.bridge]:
+            subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+
+def run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, work, netns=None):
+    addrs = netns.addrs if netns else ["127.0.0.1"] * n_nodes
+    config = {"nodes": {"starter": node(addrs[0], False), "secondary": [node(a, True) for a in addrs[1:]]}}
+    for s in config["nodes"]["secondary"]:
+        s["communication"]["starter_addr"] = addrs[0]
+    cfg = work / f"ring{n_nodes}.json"
+    cfg.write_text(json.dumps(config))
+    out = work / "out.json"
+    procs = []
+    try:
+        for i in range(n_nodes - 1):
+            prefix = netns.prefix(i + 1) if netns else []
+            procs.append(subprocess.Popen(prefix + [str(BIN / "secondary"), "--nodes-config", str(cfg), str(i), "--threads", str(threads),
+                                                    "--chunk-cache", str(work / f"cache{i}")],
+                                          stdout=subprocess.DEVNULL, stderr=open(work / f"secondary{i}.log", "w")))
+        prefix = netns.prefix(0) if netns else []
+        cmd = prefix + [str(BIN / "starter"), "--ckpt", str(model_dir), "--n-samples", str(n_samples), "--n-tokens", str(n_tokens),
+                        "--temperature", "0", "--prompt", "Once upon a time", "--threads", str(threads), "--out", str(out)]
+        if n_nodes > 1:
+            cmd += ["--nodes-config", str(cfg)]
+        t0 = time.time()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(work / "starter.log", "w"))
+        wall = time.time() - t0
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    result = json.loads(out.read_text())
+    result["wall_s"] = wall
+    return result
+
+
+def summarize(name, net, n_nodes, n_samples, result):
+    stats = result["stats"]
+    tokens = stats["generated_tokens"]
+    row = {"model": name, "network": net, "nodes": n_nodes, "samples": n_samples, "tokens": tokens,
+           "tokens_per_s": stats["tokens_per_s"], "ms_per_token": 1000.0 / stats["tokens_per_s"] if stats["tokens_per_s"] else 0,
+           "timeline": [t for t in result["stats"].get("token_times", [])]}
+    nodes = stats.get("nodes", {})
+    per_node = []
+    bytes_total = 0
+    for key in ["starter"] + sorted(k for k in nodes if k.startswith("secondary")):
+        if key not in nodes or "stage" not in nodes[key] and key != "starter":
+            continue
+        st = nodes[key] if key == "starter" else nodes[key]["stage"]
+        frames = max(1, st["frames"])
+        per_node.append(f"{key}: compute {1000 * st['compute_s'] / frames:.2f} / wait {1000 * st['idle_s'] / frames:.2f} ms")
+        bytes_total += nodes[key].get("bytes_out", 0)
+    row["per_node"] = "; ".join(per_node)
+    # A sample's token goes once around the ring: what its round trip does not spend
+    # computing, it spends in transfer (sockets, queues, scheduling), over n_nodes hops.
+    compute_ms = sum(1000 * (nodes[k] if k == "starter" else nodes[k]["stage"])["compute_s"] /
+                     max(1, (nodes[k] if k == "starter" else nodes[k]["stage"])["frames"])
+                     for k in nodes if k == "starter" or "stage" in nodes[k])
+    round_trip_ms = row["ms_per_token"] * n_samples
+    row["transfer_ms_per_hop"] = max(0.0, round_trip_ms - compute_ms) / n_nodes if nodes else 0.0
+    row["bytes_per_token"] = bytes_total / tokens if tokens and bytes_total else 0
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="stories260K,nanollama-304m")
+    ap.add_argument("--n-tokens", type=int, default=0, help="new tokens per sample (default: 200 for stories260K, 24 otherwise)")
+    ap.add_argument("--threads", type=int, default=0, help="LibTorch threads per node (default: cores / nodes, at least 1)")
+    ap.add_argument("--netns", default="", help="comma-separated tbf rates, e.g. 1gbit,100mbit (needs root)")
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    if not args.no_build:
+        build()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rates = [r for r in args.netns.split(",") if r]
+    if rates and os.geteuid() != 0:
+        sys.exit("--netns needs root: network namespaces and tc are root-only")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = pathlib.Path(tmp)
+        for model in args.models.split(","):
+            model_dir = prepare(model, work)
+            n_tokens = args.n_tokens or (200 if model == "stories260K" else 24)
+            networks = [("loopback", None)] + [(f"netns {r}", r) for r in rates]
+            for net, rate in networks:
+                configs = [(1, 1)] + [(n, s) for n in (2, 3) for s in sorted({1, n, 2 * n})]
+                for n_nodes, n_samples in configs:
+                    if rate and n_nodes == 1:
+                        continue
+                    threads = args.threads or max(1, (os.cpu_count() or 1) // n_nodes)
+                    if rate:
+                        with Netns(n_nodes, rate) as ns:
+                            result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, work, ns)
+                    else:
+                        result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, work)
+                    row = summarize(model, net, n_nodes, n_samples, result)
+                    rows.append(row)
+                    print(f"{model} {net} {n_nodes} nodes {n_samples} samples: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+    lines = [f"Ring benchmark on {machine}, {time.strftime('%Y-%m-%d')}. Greedy, prompt \"Once upon a time\".", "",
+             "| model | network | nodes | samples | tokens | tokens/s | ms/token | transfer ms/hop | bytes/token on the wire | per node, per frame |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['network']} | {r['nodes']} | {r['samples']} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ms_per_token']:.2f} | {r['transfer_ms_per_hop']:.3f} | {r['bytes_per_token']:.0f} | {r['per_node']} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    (RESULTS / "ring_bench.md").write_text(table)
+    (RESULTS / "ring_bench.json").write_text(json.dumps(rows, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is missing (apt-get install python3-matplotlib): no plot", file=sys.stderr)
+        return
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in rows:
+            if r["model"] == model and r["timeline"]:
+                ax.plot(range(1, len(r["timeline"]) + 1), r["timeline"], label=f"{r['network']}, {r['nodes']} nodes, {r['samples']} samples")
+        ax.set_title(model)
+        ax.set_xlabel("generated tokens (all samples)")
+        ax.set_ylabel("time (s)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ring_bench.png", dpi=110)
+    print(f"wrote {RESULTS / 'ring_bench.md'} and {RESULTS / 'ring_bench.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
