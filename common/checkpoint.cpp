@@ -420,17 +420,38 @@ std::unique_ptr<CheckpointReader> open_checkpoint(const std::string& spec, std::
   fail(path, "unknown checkpoint format: expected a llama2.c .bin, a model directory, or random:PRESET");
 }
 
+namespace {
+// A weight copied out of a reader's memory map (converted or fused) no longer needs the
+// map's pages: hand them back, so that the process holds each weight once. Only for
+// tensors that view a read-only file map (their storage has no allocator: the readers'
+// from_blob views); the page cache keeps the data.
+void release_mapped_pages(const torch::Tensor& source) {
+  if (!source.is_cpu() || source.storage().allocator() != nullptr) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(source.data_ptr()) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(source.data_ptr()) + source.nbytes()) / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+}  // namespace
+
 ModelChunk load_chunk(const CheckpointReader& reader, const ChunkSpec& spec, torch::Device device, torch::ScalarType dtype) {
   const ModelConfig& c = reader.config();
   if (spec.layers.begin < 0 || spec.layers.end > c.n_layers || spec.layers.begin > spec.layers.end)
     throw CheckpointError(reader.description() + ": layer range [" + std::to_string(spec.layers.begin) + ", " +
                           std::to_string(spec.layers.end) + ") is outside the model's " + std::to_string(c.n_layers) + " layers");
   c10::InferenceMode inference;
-  auto load = [&](const std::string& name) { return reader.read(name).to(device, dtype).contiguous(); };
+  auto load = [&](const std::string& name) {
+    auto source = reader.read(name);
+    auto t = source.to(device, dtype).contiguous();
+    if (t.data_ptr() != source.data_ptr()) release_mapped_pages(source);
+    return t;
+  };
   auto load_fused = [&](std::initializer_list<std::string> names) {
-    std::vector<torch::Tensor> parts;
-    for (auto& n : names) parts.push_back(reader.read(n).to(dtype));
-    return torch::cat(parts, 0).to(device);
+    std::vector<torch::Tensor> sources, parts;
+    for (auto& n : names) sources.push_back(reader.read(n)), parts.push_back(sources.back().to(dtype));
+    auto fused = torch::cat(parts, 0).to(device);
+    for (auto& source : sources) release_mapped_pages(source);
+    return fused;
   };
   ChunkWeights w;
   if (spec.embedding) w.embedding = load(tensor_name::kEmbedding);
