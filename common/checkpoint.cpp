@@ -343,7 +343,7 @@ class RandomReader : public CheckpointReader {
     if (shape.size() == 1) return torch::ones(shape, torch::kFloat32);  // norm weights
     // Each tensor has its own stream, so any subset reads the same values.
     auto generator = at::make_generator<at::CPUGeneratorImpl>(seed_ ^ std::hash<std::string>{}(name));
-    return torch::randn(shape, generator, torch::kFloat32) * 0.02;
+    return torch::randn(shape, generator, torch::kFloat32).mul_(0.02);
   }
 
  private:
@@ -420,11 +420,6 @@ std::unique_ptr<CheckpointReader> open_checkpoint(const std::string& spec, std::
   fail(path, "unknown checkpoint format: expected a llama2.c .bin, a model directory, or random:PRESET");
 }
 
-namespace {
-// A weight copied out of a reader's memory map (converted or fused) no longer needs the
-// map's pages: hand them back, so that the process holds each weight once. Only for
-// tensors that view a read-only file map (their storage has no allocator: the readers'
-// from_blob views); the page cache keeps the data.
 void release_mapped_pages(const torch::Tensor& source) {
   if (!source.is_cpu() || source.storage().allocator() != nullptr) return;
   const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
@@ -432,7 +427,6 @@ void release_mapped_pages(const torch::Tensor& source) {
   const uintptr_t end = (reinterpret_cast<uintptr_t>(source.data_ptr()) + source.nbytes()) / page * page;
   if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
-}  // namespace
 
 ModelChunk load_chunk(const CheckpointReader& reader, const ChunkSpec& spec, torch::Device device, torch::ScalarType dtype) {
   const ModelConfig& c = reader.config();

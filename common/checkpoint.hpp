@@ -63,6 +63,12 @@ std::unique_ptr<CheckpointReader> open_checkpoint(const std::string& spec, std::
 // Reads only the chunk's tensors, converted straight to `device` and `dtype`.
 ModelChunk load_chunk(const CheckpointReader& reader, const ChunkSpec& spec, torch::Device device, torch::ScalarType dtype);
 
+// A weight copied out of a reader's memory map (converted, fused or written out) no
+// longer needs the map's pages: hand them back, so that the process holds each weight
+// once. Only acts on tensors that view a read-only file map (storage without an
+// allocator: the readers' from_blob views); the page cache keeps the data.
+void release_mapped_pages(const torch::Tensor& source);
+
 // safetensors dtype name ("F32", "BF16", "F16") of a torch dtype, and back.
 std::string safetensors_dtype(torch::ScalarType dtype);
 torch::ScalarType torch_dtype(const std::string& safetensors_dtype);

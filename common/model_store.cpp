@@ -23,9 +23,11 @@ std::string write_tensors(const CheckpointReader& reader, const std::vector<std:
   for (auto& n : names) entries.push_back({n, safetensors_dtype(dtype), tensor_shape(reader.config(), n)});
   SafetensorsWriter writer(path, entries, metadata);
   for (auto& n : names) {
-    auto t = reader.read(n).to(dtype).contiguous();
+    auto source = reader.read(n);
+    auto t = source.to(dtype).contiguous();
     const uint64_t bytes = static_cast<uint64_t>(t.numel()) * t.element_size();
     writer.write(n, t.data_ptr(), bytes);
+    release_mapped_pages(source);
     done += bytes;
     if (progress) progress(done, total);
   }
