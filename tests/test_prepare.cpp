@@ -91,6 +91,57 @@ TEST(Prepare, HuggingFaceDirectoryLoadsBackWithTheSameTokensAsTheLlama2cOriginal
   EXPECT_EQ(a, std::vector<int64_t>(reference.begin(), reference.begin() + 120));
 }
 
+TEST(Prepare, ShardedHuggingFaceDirectoryWithAnIndexGivesTheSameTokens) {
+  MDI_REQUIRE_SHARED(shared);
+  mdi::test::ScratchDir dir;
+  auto original = mdi::open_llama2c(shared / "models/stories260K/stories260K.bin", std::nullopt);
+  const auto& c = original->config();
+  // two shards, split after layer 2, and the index that maps names to them
+  const auto names = mdi::chunk_tensor_names(c, {{0, c.n_layers}, true, true});
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::json::object()}};
+  std::vector<std::string> shard_names[2];
+  for (auto& n : names) {
+    const bool late = n.find("layers.3.") != std::string::npos || n.find("layers.4.") != std::string::npos || n == mdi::tensor_name::kFinalNorm;
+    shard_names[late].push_back(n);
+    index["weight_map"][n] = late ? "model-00002-of-00002.safetensors" : "model-00001-of-00002.safetensors";
+  }
+  for (int shard = 0; shard < 2; ++shard) {
+    std::vector<mdi::SafetensorsWriter::Entry> entries;
+    for (auto& n : shard_names[shard]) entries.push_back({n, "F32", mdi::tensor_shape(c, n)});
+    mdi::SafetensorsWriter writer(dir / (shard == 0 ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors"), entries);
+    for (auto& n : shard_names[shard]) {
+      auto t = original->read(n).contiguous();
+      writer.write(n, t.data_ptr(), t.numel() * 4);
+    }
+    writer.commit();
+  }
+  std::ofstream(dir / "model.safetensors.index.json") << index.dump();
+  std::ofstream(dir / "config.json") << c.to_hf_json().dump();
+  auto sharded = mdi::open_checkpoint(dir.path().string());
+  std::vector<mdi::ModelChunk> whole;
+  whole.push_back(mdi::load_chunk(*sharded, {{0, c.n_layers}, true, true}, torch::kCPU, torch::kFloat32));
+  const auto reference = reference_tokens(shared);
+  EXPECT_EQ(greedy_through(whole, kOnceUponATime, reference.size()), reference);
+}
+
+TEST(Prepare, HalfPrecisionDirectoriesLoadAndGenerate) {
+  MDI_REQUIRE_SHARED(shared);
+  auto original = mdi::open_llama2c(shared / "models/stories260K/stories260K.bin", std::nullopt);
+  for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
+    mdi::test::ScratchDir dir;
+    mdi::write_model_directory(*original, dir.path(), dtype, "x", nullptr);
+    mdi::SafetensorsFile file(dir / "model.safetensors");
+    EXPECT_EQ(file.tensors()[0].dtype, mdi::safetensors_dtype(dtype));
+    auto converted = mdi::open_checkpoint(dir.path().string());
+    std::vector<mdi::ModelChunk> whole;
+    whole.push_back(mdi::load_chunk(*converted, {{0, 5}, true, true}, torch::kCPU, torch::kFloat32));
+    // half-precision weights, float32 arithmetic: the story starts as the reference does
+    auto tokens = greedy_through(whole, kOnceUponATime, 20);
+    const auto reference = reference_tokens(shared);
+    EXPECT_EQ(tokens, std::vector<int64_t>(reference.begin(), reference.begin() + 20)) << mdi::dtype_name(dtype);
+  }
+}
+
 mdi::ModelConfig preset(const std::string& name) { return mdi::open_random("random:" + name, 0)->config(); }
 
 TEST(Prepare, RandomPresetsHaveTheRealModelsParameterCounts) {
