@@ -297,6 +297,15 @@ TEST_F(Daemon, DataPortRefusesAConnectionThatIsNotThePreviousNode) {
   char byte;
   EXPECT_EQ(::recv(fd, &byte, 1, 0), 0) << "the stranger's connection should be closed";
   ::close(fd);
+  // another stranger: the previous node's source port, but from another address
+  fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in other{AF_INET, htons(config["nodes"]["starter"]["inference"]["port_out"].get<uint16_t>()), {htonl(0x7f000002)}, {}};
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&other), sizeof other), 0) << "127.0.0.2";
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&remote), sizeof remote), 0);
+  EXPECT_EQ(::recv(fd, &byte, 1, 0), 0) << "a connection from 127.0.0.2 should be closed";
+  ::close(fd);
   // the real previous node is still accepted afterwards
   {
     HandRing ring(config, 7);
