@@ -26,7 +26,7 @@ bool is_hex_sha256(const std::string& s) {
 }  // namespace
 
 nlohmann::json InitRequest::to_json() const {
-  return {{"run_id", run_id},
+  nlohmann::json j = {{"run_id", run_id},
           {"ring_index", ring_index},
           {"nodes_config", nodes_json},
           {"model", model.to_hf_json()},
@@ -36,6 +36,8 @@ nlohmann::json InitRequest::to_json() const {
           {"max_seq_len", max_seq_len},
           {"max_frame_bytes", max_frame_bytes},
           {"chunk", {{"sha256", chunk_sha256}, {"path", chunk_path}}}};
+  if (!interpretability.empty()) j["interpretability"] = interpretability.to_json();
+  return j;
 }
 
 InitRequest InitRequest::parse(const nlohmann::json& j) {
@@ -74,6 +76,18 @@ InitRequest InitRequest::parse(const nlohmann::json& j) {
   r.chunk_sha256 = typed<std::string>(chunk, "sha256");
   if (!is_hex_sha256(r.chunk_sha256)) throw InitRequestError("/init: chunk.sha256 must be 64 hex digits");
   r.chunk_path = chunk.value("path", std::string());
+  if (j.contains("interpretability")) {
+    ModelBounds bounds;
+    bounds.n_layers = r.model.n_layers;
+    bounds.dim = r.model.dim;
+    bounds.layer_begin = r.layer_begin;  // a secondary acts only on its own layers
+    bounds.layer_end = r.layer_end;
+    try {
+      r.interpretability = InterpretabilityPlan::from_json(j["interpretability"], bounds, "/init: interpretability");
+    } catch (const InterpretabilityError& e) {
+      throw InitRequestError(e.what());
+    }
+  }
   return r;
 }
 

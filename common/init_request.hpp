@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/interpretability.hpp"
 #include "common/model_config.hpp"
 #include "common/nodes_config.hpp"
 
@@ -29,6 +30,8 @@ struct InitRequest {
   std::string chunk_sha256;    // the chunk the node must hold, by content
   std::string chunk_path;      // where it lies on the secondary's disk, if pre-distributed
   uint64_t max_frame_bytes = 0;
+  // Optional: the captures and interventions of this node's layers (absent: none).
+  InterpretabilityPlan interpretability;
 
   nlohmann::json to_json() const;
   // Throws InitRequestError naming the field and the problem.

@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/interpretability.hpp"
 #include "common/nodes_config.hpp"
 #include "common/partition.hpp"
 
@@ -23,6 +24,7 @@ struct RunSettings {
   std::string device;          // non-empty: every secondary uses it (--device on the starter)
   int64_t max_seq_len = 0;
   bool upload_chunks = false;  // push every chunk over HTTP even if the node may have it on disk
+  InterpretabilityPlan interpretability;  // the whole run's; each secondary gets the part for its layers
 };
 
 class Cluster {
