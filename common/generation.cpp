@@ -7,7 +7,8 @@
 
 namespace mdi {
 
-RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token) {
+RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token,
+                             const HookFactory& hooks) {
   if (!model.spec().embedding || !model.spec().head)
     throw std::logic_error("standalone generation needs a chunk with the embedding and the head");
   using clock = std::chrono::steady_clock;
@@ -22,7 +23,8 @@ RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress
       SampleProgress& s = samples[i];
       if (!s.running()) continue;
       auto input = s.pending_input();
-      auto logits = model.forward(torch::tensor(input, torch::kLong), caches[i], s.pending_pos());
+      const LayerHook hook = hooks ? hooks(static_cast<uint32_t>(s.index()), s.pending_pos()) : nullptr;
+      auto logits = model.forward(torch::tensor(input, torch::kLong), caches[i], s.pending_pos(), true, hook);
       s.mark_fed();
       auto row = logits[0].contiguous().to(torch::kCPU);
       const int64_t token = s.advance(row.data_ptr<float>(), row.size(0));

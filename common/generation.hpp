@@ -12,8 +12,14 @@ namespace mdi {
 // Called after each new token of a sample.
 using TokenCallback = std::function<void(const SampleProgress& sample, int64_t token)>;
 
+// The LayerHook of one forward pass of `sample`, whose first token is at
+// `start_pos` (nullptr: none). Capture and interventions come in this way
+// (common/hidden_states), in standalone runs and on every node of a ring alike.
+using HookFactory = std::function<LayerHook(uint32_t sample, int64_t start_pos)>;
+
 // Runs every sample to its stop, one step of each in turn, as the ring
 // interleaves them. The model must hold the embedding and the head.
-RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token);
+RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token,
+                             const HookFactory& hooks = nullptr);
 
 }  // namespace mdi

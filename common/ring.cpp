@@ -60,6 +60,27 @@ torch::Tensor activations_tensor(const Frame& frame, int64_t dim, torch::ScalarT
   return torch::from_blob(const_cast<uint8_t*>(frame.payload.data()), {static_cast<int64_t>(h.n_tokens), dim}, dtype);
 }
 
+Frame capture_frame(uint32_t sample_id, int64_t layer, int64_t start_pos, const torch::Tensor& rows) {
+  Frame frame = activations_frame(sample_id, static_cast<uint32_t>(start_pos), rows);
+  frame.header.type = FrameType::Capture;
+  frame.header.layer = layer == kEmbedLayer ? kEmbedWireLayer : static_cast<uint32_t>(layer);
+  return frame;
+}
+
+CapturedRows captured_rows(const Frame& frame, int64_t dim, torch::ScalarType dtype) {
+  const auto& h = frame.header;
+  const int64_t layer = h.layer == kEmbedWireLayer ? kEmbedLayer : static_cast<int64_t>(h.layer);
+  const std::string what = "Capture frame of sample " + std::to_string(h.sample_id) + " " + layer_label(layer);
+  if (h.type != FrameType::Capture) throw ProtocolError(std::string("expected a Capture frame, got ") + frame_type_name(h.type));
+  if (h.ndim != 2 || h.shape[1] != dim || h.shape[0] != h.n_tokens || h.n_tokens == 0)
+    throw ProtocolError(what + " has shape [" + std::to_string(h.shape[0]) + ", " + std::to_string(h.shape[1]) + "] for " +
+                        std::to_string(h.n_tokens) + " rows; expected [n_tokens, " + std::to_string(dim) + "]");
+  if (h.dtype != wire_dtype(dtype))
+    throw ProtocolError(what + " carries " + wire_dtype_name(h.dtype) + ", the run's dtype is " + wire_dtype_name(wire_dtype(dtype)));
+  return {h.sample_id, layer, h.start_pos,
+          torch::from_blob(const_cast<uint8_t*>(frame.payload.data()), {static_cast<int64_t>(h.n_tokens), dim}, dtype)};
+}
+
 void StageStats::add_compute(double s) {
   std::lock_guard lock(mutex_);
   compute_s_ += s;
@@ -82,8 +103,9 @@ nlohmann::json StageStats::to_json() const {
 }
 
 void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& stats, const std::atomic<bool>& cancel,
-                         std::chrono::milliseconds send_timeout) {
+                         std::chrono::milliseconds send_timeout, const LayerProbes* probes) {
   std::map<uint32_t, KvCache> caches;  // by sample id
+  std::vector<Frame> captures;         // of the step being computed
   while (auto frame = next_frame(*links.from_prev, stats, cancel)) {
     const auto& h = frame->header;
     switch (h.type) {
@@ -94,14 +116,25 @@ void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& 
         if (cache == caches.end())
           throw ProtocolError("Activations frame for sample " + std::to_string(h.sample_id) + " at position " +
                               std::to_string(h.start_pos) + ", but this node holds no cache for it");
-        auto hidden = chunk.forward(activations_tensor(*frame, chunk.config().dim, chunk.dtype()), cache->second, h.start_pos);
+        LayerHook hook;
+        if (probes)
+          hook = probes->hook(h.sample_id, h.start_pos, [&](uint32_t sample, int64_t layer, int64_t pos, torch::Tensor rows) {
+            captures.push_back(capture_frame(sample, layer, pos, rows));
+          });
+        auto hidden = chunk.forward(activations_tensor(*frame, chunk.config().dim, chunk.dtype()), cache->second, h.start_pos, true, hook);
         Frame out = activations_frame(h.sample_id, h.start_pos, hidden);
         stats.add_compute(seconds_since(start));
         stats.frame_done();
         stats.set_live_samples(caches.size());
+        // the captures first: the starter has them all when the step's activations come back
+        for (Frame& capture : captures) links.to_next->send(std::move(capture), send_timeout);
+        captures.clear();
         links.to_next->send(std::move(out), send_timeout);
         break;
       }
+      case FrameType::Capture:  // an earlier node's, on its way to the starter
+        links.to_next->send(std::move(*frame), send_timeout);
+        break;
       case FrameType::SampleStop:
         caches.erase(h.sample_id);
         stats.set_live_samples(caches.size());
@@ -132,7 +165,8 @@ RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector
     const auto id = static_cast<uint32_t>(s.index());
     const auto pos = static_cast<uint32_t>(s.pending_pos());
     if (pos == 0) caches.insert_or_assign(id, chunk.new_cache());
-    auto hidden = chunk.run_layers(torch::tensor(s.pending_input(), torch::kLong), caches.at(id), pos);
+    const LayerHook hook = options.hooks ? options.hooks(id, pos) : nullptr;
+    auto hidden = chunk.run_layers(torch::tensor(s.pending_input(), torch::kLong), caches.at(id), pos, hook);
     s.mark_fed();
     Frame frame = activations_frame(id, pos, hidden);
     stats.add_compute(seconds_since(start));
@@ -154,6 +188,10 @@ RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector
     auto frame = next_frame(*links.from_prev, stats, never);
     const auto& h = frame->header;
     if (h.type == FrameType::SampleStop) continue;  // it went round: every node has freed that sample
+    if (h.type == FrameType::Capture && options.on_capture) {
+      options.on_capture(*frame);  // not an activation: in_flight stays
+      continue;
+    }
     if (h.type != FrameType::Activations || h.sample_id >= samples.size())
       throw ProtocolError(std::string("unexpected ") + frame_type_name(h.type) + " frame for sample " + std::to_string(h.sample_id) +
                           " from " + links.from_prev->peer());

@@ -7,6 +7,11 @@
 // Each node keeps the KV caches of the layers it holds, one per sample; a
 // SampleStop frame passing through frees them. With n_samples >= n_nodes every
 // node has a frame to work on while the others work on theirs.
+//
+// Captured hidden states ride the same links as Capture frames: a secondary sends
+// the captures of a step before that step's Activations frame; the nodes after it
+// pass them on untouched; the starter hands them to its collector and never counts
+// them as activations in flight.
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -17,6 +22,7 @@
 
 #include "common/frame.hpp"
 #include "common/generation.hpp"
+#include "common/hidden_states.hpp"
 #include "common/model.hpp"
 #include "common/transport.hpp"
 
@@ -26,6 +32,18 @@ namespace mdi {
 Frame activations_frame(uint32_t sample_id, uint32_t start_pos, const torch::Tensor& hidden);
 // Checks the frame against the model (dim, dtype) before viewing its bytes.
 torch::Tensor activations_tensor(const Frame& frame, int64_t dim, torch::ScalarType dtype);
+
+// Captured rows (rows, dim) as a Capture frame: header layer = global layer
+// (kEmbedWireLayer for the embedding), start_pos = position of the first row,
+// n_tokens = rows. And back, checked against the model (dim, dtype).
+Frame capture_frame(uint32_t sample_id, int64_t layer, int64_t start_pos, const torch::Tensor& rows);
+struct CapturedRows {
+  uint32_t sample_id;
+  int64_t layer;  // global, or kEmbedLayer
+  int64_t start_pos;
+  torch::Tensor rows;  // (rows, dim), viewing the frame's payload
+};
+CapturedRows captured_rows(const Frame& frame, int64_t dim, torch::ScalarType dtype);
 
 // Figures a node reports about its part of a run.
 class StageStats {
@@ -45,15 +63,20 @@ class StageStats {
 
 // A secondary's loop: runs its layers on every Activations frame and passes the
 // result on, until a RunStop has passed through (returns) or `cancel` is set
-// (returns). Throws LinkError naming the peer when a link fails, and
-// ProtocolError on a frame that makes no sense here.
+// (returns). With `probes`, its interventions apply and its captures go out as
+// Capture frames; Capture frames from earlier nodes pass through. Throws
+// LinkError naming the peer when a link fails, and ProtocolError on a frame
+// that makes no sense here.
 void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& stats, const std::atomic<bool>& cancel,
-                         std::chrono::milliseconds send_timeout);
+                         std::chrono::milliseconds send_timeout, const LayerProbes* probes = nullptr);
 
 struct RingGenerationOptions {
   size_t max_in_flight = 16;  // frames in the ring at once: stays below what its queues hold, so sends never deadlock
   std::chrono::milliseconds send_timeout{10'000};
   std::chrono::milliseconds drain_timeout{10'000};  // for the RunStop to come back around
+  HookFactory hooks;  // the starter's own layers (embedding included): interventions, capture
+  // Capture frames from the secondaries; without it they are a protocol error.
+  std::function<void(const Frame&)> on_capture;
 };
 
 // The starter's side of a run: every sample to its stop, then a RunStop around

@@ -148,7 +148,13 @@ void SecondaryNode::run_ring(InitRequest request) {
     }
     spdlog::info("ring up: {} → us → {}", links.from_prev->peer(), links.to_next->peer());
     try {
-      run_secondary_stage(*chunk_, links, *stats_, cancel_, request.nodes.timeouts.receive);
+      std::optional<LayerProbes> probes;
+      if (!request.interpretability.empty()) {
+        probes.emplace(request.interpretability, *chunk_);
+        spdlog::info("capturing {} layers, {} interventions", request.interpretability.capture.layers.size(),
+                     request.interpretability.interventions.size());
+      }
+      run_secondary_stage(*chunk_, links, *stats_, cancel_, request.nodes.timeouts.receive, probes ? &*probes : nullptr);
     } catch (...) {
       std::lock_guard lock(mutex_);
       links_ = nullptr;

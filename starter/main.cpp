@@ -14,6 +14,8 @@
 
 #include "common/checkpoint.hpp"
 #include "common/generation.hpp"
+#include "common/hidden_states.hpp"
+#include "common/interpretability.hpp"
 #include "common/logging.hpp"
 #include "common/model_store.hpp"
 #include "common/nodes_config.hpp"
@@ -48,6 +50,17 @@ struct StarterOptions {
   std::string chunk;
   bool keep_nodes = false;
   bool upload_chunks = false;
+  // hidden states (common/interpretability.hpp)
+  std::string capture;                     // LAYERS: "all", "embed,0,3-4"
+  std::string capture_positions = "all";   // "all" | "last"
+  std::string capture_out;                 // FILE.safetensors
+  std::string interventions;               // FILE.json
+  int64_t logit_lens = 0;                  // top-k of the logit lens; 0: off
+};
+
+// starter steering-vector: the mean difference of two capture files at one layer.
+struct SteeringOptions {
+  std::string from, to, layer, out, name = "steer";
 };
 
 // Streams sample 0's text as it is generated when it is the only sample;
@@ -102,12 +115,70 @@ std::optional<std::filesystem::path> optional_path(const std::string& text) {
   return std::filesystem::path(text);
 }
 
+// What a run captures and changes, and where the starter's own captures go.
+class Probing {
+ public:
+  Probing(const StarterOptions& opt, const mdi::ModelConfig& config, const std::vector<mdi::SampleProgress>& samples,
+          torch::ScalarType dtype) {
+    if (!opt.capture.empty()) plan_.capture = mdi::parse_capture_spec(opt.capture, opt.capture_positions, config.n_layers);
+    if (!opt.interventions.empty()) {
+      mdi::ModelBounds bounds{config.n_layers, config.dim, static_cast<int64_t>(samples.size())};
+      plan_.interventions = mdi::load_interventions_file(opt.interventions, bounds, mdi::read_vector);
+      spdlog::info("{}: {} interventions", opt.interventions, plan_.interventions.size());
+    }
+    for (const auto& s : samples) plan_.prompt_lengths.push_back(static_cast<int64_t>(s.prompt_tokens().size()));
+    if (!plan_.capture.empty()) collector_.emplace(plan_.capture, samples.size(), config.dim, dtype);
+  }
+
+  const mdi::InterpretabilityPlan& plan() const { return plan_; }
+
+  // The hooks of `chunk`, which holds the embedding and layers [0, layer_end).
+  mdi::HookFactory hooks(const mdi::ModelChunk& chunk) {
+    if (plan_.empty()) return nullptr;
+    probes_.emplace(plan_.for_layers(mdi::kEmbedLayer, chunk.spec().layers.end), chunk);
+    return [this](uint32_t sample, int64_t start_pos) {
+      return probes_->hook(sample, start_pos, [this](uint32_t s, int64_t layer, int64_t pos, torch::Tensor rows) {
+        collector_->add(s, layer, pos, rows);
+      });
+    };
+  }
+
+  // Capture frames from the secondaries.
+  std::function<void(const mdi::Frame&)> on_capture(const mdi::ModelChunk& chunk) {
+    if (!collector_) return nullptr;
+    return [this, dim = chunk.config().dim, dtype = chunk.dtype()](const mdi::Frame& frame) {
+      auto c = mdi::captured_rows(frame, dim, dtype);
+      collector_->add(c.sample_id, c.layer, c.start_pos, c.rows);
+    };
+  }
+
+  // Writes --capture-out; returns the logit lens for --out (null without --logit-lens).
+  nlohmann::json finish(const StarterOptions& opt, const mdi::ModelChunk& head, const std::vector<mdi::SampleProgress>& samples,
+                        const mdi::Tokenizer& tokenizer) {
+    if (!collector_) return nullptr;
+    if (!opt.capture_out.empty()) {
+      collector_->write(opt.capture_out, samples);
+      spdlog::info("wrote {}: {} layers of {} samples, positions {}", opt.capture_out, plan_.capture.layers.size(), samples.size(),
+                   plan_.capture.positions_name());
+    }
+    if (opt.logit_lens <= 0) return nullptr;
+    return mdi::logit_lens(head, *collector_, samples, tokenizer, opt.logit_lens);
+  }
+
+ private:
+  mdi::InterpretabilityPlan plan_;
+  std::optional<mdi::LayerProbes> probes_;
+  std::optional<mdi::CaptureCollector> collector_;
+};
+
 void write_outputs(const StarterOptions& opt, const std::vector<mdi::SampleProgress>& samples, const mdi::Tokenizer& tokenizer,
-                   const mdi::RunStats& stats, const nlohmann::json* node_stats) {
+                   const mdi::RunStats& stats, const nlohmann::json* node_stats, const nlohmann::json& logit_lens) {
   spdlog::info("{} tokens in {:.2f} s: {:.1f} tokens/s (first token after {:.3f} s)", stats.generated_tokens,
                stats.prefill_s + stats.decode_s, stats.tokens_per_s(), stats.prefill_s);
   if (!opt.out.empty()) {
-    mdi::write_file_atomic(opt.out, mdi::results_json(samples, tokenizer, stats, node_stats).dump(1) + "\n");
+    auto result = mdi::results_json(samples, tokenizer, stats, node_stats);
+    if (!logit_lens.is_null()) result["logit_lens"] = logit_lens;
+    mdi::write_file_atomic(opt.out, result.dump(1) + "\n");
     spdlog::info("wrote {}", opt.out);
   }
   if (!opt.time_run.empty()) {
@@ -134,10 +205,13 @@ int run_standalone(const StarterOptions& opt, const torch::Device device) {
   auto model = mdi::load_chunk(*reader, {{0, config.n_layers}, true, true}, device, dtype);
   if (opt.block_size > 0) config.max_seq_len = std::min(config.max_seq_len, opt.block_size);
   auto samples = make_samples(opt, *tokenizer, config);
+  Probing probing(opt, config, samples, dtype);
 
   TextPrinter printer(*tokenizer, samples.size());
-  auto stats = mdi::generate_standalone(model, samples, [&](const mdi::SampleProgress& s, int64_t token) { printer.on_token(s, token); });
-  write_outputs(opt, samples, *tokenizer, stats, nullptr);
+  auto stats = mdi::generate_standalone(model, samples, [&](const mdi::SampleProgress& s, int64_t token) { printer.on_token(s, token); },
+                                        probing.hooks(model));
+  const auto lens = probing.finish(opt, model, samples, *tokenizer);
+  write_outputs(opt, samples, *tokenizer, stats, nullptr, lens);
   return 0;
 }
 
@@ -161,6 +235,7 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
   spdlog::info("ring of {} nodes; the starter holds layers [{}, {}) + embedding + head, {} on {}", n_nodes, own.entry.layer_begin,
                own.entry.layer_end, mdi::dtype_name(dtype), device.str());
   auto chunk = mdi::load_chunk(*own.reader, own.spec(), device, dtype);
+  Probing probing(opt, config, samples, dtype);
 
   mdi::Cluster cluster(nodes, nodes_json);
   mdi::RunSettings settings;
@@ -169,6 +244,7 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
   settings.device = opt.device_given ? opt.device : "";
   settings.max_seq_len = config.max_seq_len;
   settings.upload_chunks = opt.upload_chunks;
+  settings.interpretability = probing.plan();
   try {
     cluster.init_all(manifest, mdi::manifest_path(model_dir, n_nodes).parent_path(), settings);
     mdi::LinkOptions link_options;
@@ -181,6 +257,8 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
     mdi::RingGenerationOptions ring_options;
     ring_options.send_timeout = nodes.timeouts.receive;
     ring_options.drain_timeout = nodes.timeouts.receive;
+    ring_options.hooks = probing.hooks(chunk);
+    ring_options.on_capture = probing.on_capture(chunk);
     auto stats = mdi::run_starter_ring(chunk, links, samples, [&](const mdi::SampleProgress& s, int64_t token) { printer.on_token(s, token); },
                                        starter_stats, ring_options);
     nlohmann::json node_stats = cluster.status_all();
@@ -190,7 +268,8 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
     node_stats["starter"]["bytes_out"] = out.bytes_out;
     nlohmann::json extra = {{"nodes", node_stats}, {"n_nodes", n_nodes}};
     cluster.stop_all(opt.keep_nodes);
-    write_outputs(opt, samples, *tokenizer, stats, &extra);
+    const auto lens = probing.finish(opt, chunk, samples, *tokenizer);
+    write_outputs(opt, samples, *tokenizer, stats, &extra, lens);
     return 0;
   } catch (...) {
     // The survivors go back to idle, ready for another run.
@@ -199,7 +278,29 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
   }
 }
 
+// Flag combinations that make no sense, refused before anything loads.
+void check_hidden_state_flags(const StarterOptions& opt) {
+  if (opt.capture.empty()) {
+    if (!opt.capture_out.empty()) throw std::invalid_argument("--capture-out needs --capture LAYERS");
+    if (opt.logit_lens > 0) throw std::invalid_argument("--logit-lens decodes captured layers: add --capture LAYERS");
+  } else if (opt.capture_out.empty() && opt.logit_lens <= 0) {
+    throw std::invalid_argument("--capture needs --capture-out FILE.safetensors (or --logit-lens K)");
+  }
+  if (opt.logit_lens > 0 && opt.out.empty()) throw std::invalid_argument("--logit-lens writes into the --out JSON: add --out FILE");
+}
+
+int run_steering_vector(const SteeringOptions& opt) {
+  const int64_t layer = opt.layer == "embed" ? mdi::kEmbedLayer : std::stoll(opt.layer);
+  auto v = mdi::steering_vector(opt.from, opt.to, layer);
+  mdi::write_vector(opt.out, opt.name, v, {{"from", opt.from}, {"to", opt.to}, {"layer", mdi::layer_json(layer).dump()},
+                                           {"what", "mean(to) - mean(from) over every captured row"}});
+  spdlog::info("wrote {}: tensor \"{}\" ({}), mean of {} minus mean of {} at {}, norm {:.4f}", opt.out, opt.name, v.size(0), opt.to,
+               opt.from, mdi::layer_label(layer), v.norm().item<double>());
+  return 0;
+}
+
 int run(const StarterOptions& opt) {
+  check_hidden_state_flags(opt);
   mdi::init_torch_runtime(opt.threads);
   if (opt.nodes_config.empty()) return run_standalone(opt, mdi::parse_device(opt.device));
   std::ifstream in(opt.nodes_config);
@@ -230,7 +331,7 @@ int main(int argc, char** argv) {
   app.option_defaults()->always_capture_default()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--ckpt", opt.ckpt,
                  "Model: prepare_model output directory (needed for a ring), or for standalone runs also a llama2.c .bin or a\n"
-                 "Hugging Face directory")->required();
+                 "Hugging Face directory (required unless a subcommand runs)");
   app.add_option("--tokenizer", opt.tokenizer, "Tokenizer file (tokenizer.bin / tokenizer.model / tokenizer.json); default: the model's own");
   app.add_option("--nodes-config", opt.nodes_config, "MDI-LLM nodes-config JSON; absent or \"secondary\": [] runs standalone");
   app.add_option("--prompt", opt.prompt, "Prompt text, or FILE:path with one prompt per paragraph (samples cycle over them)");
@@ -251,12 +352,36 @@ int main(int argc, char** argv) {
   app.add_option("--chunk", opt.chunk, "The starter's chunk file (default: from the --ckpt directory's manifest)");
   app.add_flag("--keep-nodes", opt.keep_nodes, "Leave the secondaries running and idle after the run, for another starter");
   app.add_flag("--upload-chunks", opt.upload_chunks, "Upload every secondary's chunk over HTTP, even where it may be on the node's disk");
+  app.add_option("--capture", opt.capture,
+                 "Capture the hidden states after these layers: all, or a list like embed,0,3-4 (global numbering; embed is the\n"
+                 "embedding output)");
+  app.add_option("--capture-positions", opt.capture_positions,
+                 "all: every position; last: the last position of each forward pass (the rows the next tokens are sampled from)")
+      ->check(CLI::IsMember({"all", "last"}));
+  app.add_option("--capture-out", opt.capture_out, "Write the captured hidden states to this safetensors file");
+  app.add_option("--interventions", opt.interventions,
+                 "JSON file of interventions (add/replace/zero/scale at a layer, for chosen samples and positions); see README");
+  app.add_option("--logit-lens", opt.logit_lens,
+                 "Decode every captured layer's last position through the final norm and head; write the top K tokens into\n"
+                 "--out under \"logit_lens\"")->check(CLI::NonNegativeNumber);
   app.add_flag("-v,--verbose", opt.verbosity, "More log detail (-v debug, -vv trace)");
+
+  SteeringOptions steer;
+  auto* steer_cmd = app.add_subcommand("steering-vector",
+                                       "Write mean(TO) - mean(FROM) of two --capture-out files at one layer: a steering vector for\n"
+                                       "--interventions (op add)");
+  steer_cmd->add_option("--from", steer.from, "Capture file of the activations to steer away from")->required()->check(CLI::ExistingFile);
+  steer_cmd->add_option("--to", steer.to, "Capture file of the activations to steer toward")->required()->check(CLI::ExistingFile);
+  steer_cmd->add_option("--layer", steer.layer, "Layer number, or embed")->required();
+  steer_cmd->add_option("--out", steer.out, "Output safetensors file")->required();
+  steer_cmd->add_option("--name", steer.name, "Tensor name in the output");
   CLI11_PARSE(app, argc, argv);
   opt.device_given = device->count() > 0;
 
   mdi::setup_logging(opt.verbosity, "starter");
   try {
+    if (steer_cmd->parsed()) return run_steering_vector(steer);
+    if (opt.ckpt.empty()) return app.exit(CLI::RequiredError("--ckpt"));
     return run(opt);
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
