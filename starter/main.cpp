@@ -290,6 +290,8 @@ void check_hidden_state_flags(const StarterOptions& opt) {
 }
 
 int run_steering_vector(const SteeringOptions& opt) {
+  if (opt.layer != "embed" && (opt.layer.empty() || opt.layer.find_first_not_of("0123456789") != std::string::npos || opt.layer.size() > 9))
+    throw std::invalid_argument("--layer \"" + opt.layer + "\" is not a layer number or embed");
   const int64_t layer = opt.layer == "embed" ? mdi::kEmbedLayer : std::stoll(opt.layer);
   auto v = mdi::steering_vector(opt.from, opt.to, layer);
   mdi::write_vector(opt.out, opt.name, v, {{"from", opt.from}, {"to", opt.to}, {"layer", mdi::layer_json(layer).dump()},
