@@ -147,6 +147,12 @@ void SecondaryNode::run_ring(InitRequest request) {
       links_ = &links;
     }
     spdlog::info("ring up: {} → us → {}", links.from_prev->peer(), links.to_next->peer());
+    // /status keeps reporting the run's link figures once the links are gone.
+    auto detach_links = [&] {
+      std::lock_guard lock(mutex_);
+      last_link_stats_ = {links.from_prev->stats(), links.to_next->stats()};
+      links_ = nullptr;
+    };
     try {
       std::optional<LayerProbes> probes;
       if (!request.interpretability.empty()) {
@@ -156,12 +162,10 @@ void SecondaryNode::run_ring(InitRequest request) {
       }
       run_secondary_stage(*chunk_, links, *stats_, cancel_, request.nodes.timeouts.receive, probes ? &*probes : nullptr);
     } catch (...) {
-      std::lock_guard lock(mutex_);
-      links_ = nullptr;
+      detach_links();
       throw;
     }
-    std::lock_guard lock(mutex_);
-    links_ = nullptr;
+    detach_links();
   } catch (const std::exception& e) {
     spdlog::error("run {} ended: {}", request.run_id, e.what());
     std::lock_guard lock(mutex_);
@@ -191,8 +195,9 @@ HttpResponse SecondaryNode::status(const HttpRequest&) const {
     j["memory_bytes"] = chunk_->parameter_bytes();
   }
   if (stats_) j["stage"] = stats_->to_json();
-  if (links_) {
-    auto in = links_->from_prev->stats(), out = links_->to_next->stats();
+  const auto link_stats = links_ ? std::make_optional(std::make_pair(links_->from_prev->stats(), links_->to_next->stats())) : last_link_stats_;
+  if (link_stats) {
+    const auto& [in, out] = *link_stats;
     j["frames_in"] = in.frames_in;
     j["frames_out"] = out.frames_out;
     j["bytes_in"] = in.bytes_in;

@@ -66,6 +66,7 @@ class SecondaryNode {
   std::string chunk_key_;     // sha256 + layers + device + dtype of the loaded chunk
   std::shared_ptr<StageStats> stats_;
   RingLinks* links_ = nullptr;  // while running, for /status
+  std::optional<std::pair<LinkStats, LinkStats>> last_link_stats_;  // in, out of the last run
   std::thread ring_thread_;
   std::atomic<bool> cancel_{false};
   std::condition_variable shutdown_cv_;
