@@ -202,7 +202,7 @@ def main():
                     print(f"{model} {net} {n_nodes} nodes {n_samples} samples: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     lines = [f"Ring benchmark on {machine}, {time.strftime('%Y-%m-%d')}. Greedy, prompt \"Once upon a time\".", "",
-             "| model | network | nodes | samples | tokens | tokens/s | ms/token | transfer ms/hop | bytes/token on the wire | per node, per frame |",
+             "| model | network | nodes | samples | tokens | tokens/s | ms/token | queue+transfer ms/hop | bytes/token on the wire | per node, per frame |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['network']} | {r['nodes']} | {r['samples']} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
