@@ -1,6 +1,7 @@
 #include "common/init_request.hpp"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace mdi {
 
@@ -13,6 +14,12 @@ const nlohmann::json& field(const nlohmann::json& j, const char* name) {
 template <typename T>
 T typed(const nlohmann::json& j, const char* name) {
   const auto& v = field(j, name);
+  // nlohmann converts a float to an integer with a plain cast: undefined out of range.
+  if constexpr (std::is_integral_v<T>) {
+    if (!v.is_number_integer() || (std::is_unsigned_v<T> && !v.is_number_unsigned()))
+      throw InitRequestError(std::string("/init: field \"") + name + "\" must be a" + (std::is_unsigned_v<T> ? " non-negative" : "n") +
+                             " integer, got " + v.dump());
+  }
   try {
     return v.get<T>();
   } catch (const nlohmann::json::exception&) {
@@ -66,16 +73,16 @@ InitRequest InitRequest::parse(const nlohmann::json& j) {
   r.dtype = typed<std::string>(j, "dtype");
   if (r.dtype != "float32" && r.dtype != "bfloat16" && r.dtype != "float16")
     throw InitRequestError("/init: dtype \"" + r.dtype + "\" is not one of float32, bfloat16, float16");
-  r.device = j.value("device", std::string());
+  r.device = j.contains("device") ? typed<std::string>(j, "device") : std::string();
   r.max_seq_len = typed<int64_t>(j, "max_seq_len");
   if (r.max_seq_len < 1 || r.max_seq_len > r.model.max_seq_len)
     throw InitRequestError("/init: max_seq_len " + std::to_string(r.max_seq_len) + " is outside 1.." + std::to_string(r.model.max_seq_len));
-  r.max_frame_bytes = j.value("max_frame_bytes", r.nodes.max_frame_bytes);
+  r.max_frame_bytes = j.contains("max_frame_bytes") ? typed<uint64_t>(j, "max_frame_bytes") : r.nodes.max_frame_bytes;
   const auto& chunk = field(j, "chunk");
   if (!chunk.is_object()) throw InitRequestError("/init: \"chunk\" must be an object");
   r.chunk_sha256 = typed<std::string>(chunk, "sha256");
   if (!is_hex_sha256(r.chunk_sha256)) throw InitRequestError("/init: chunk.sha256 must be 64 hex digits");
-  r.chunk_path = chunk.value("path", std::string());
+  r.chunk_path = chunk.contains("path") ? typed<std::string>(chunk, "path") : std::string();
   if (j.contains("interpretability")) {
     ModelBounds bounds;
     bounds.n_layers = r.model.n_layers;

@@ -38,6 +38,10 @@ static int64_t required_int(const nlohmann::json& j, const char* key, const std:
   return j[key].get<int64_t>();
 }
 
+static int64_t optional_int(const nlohmann::json& j, const char* key, int64_t fallback, const std::string& where) {
+  return j.contains(key) ? required_int(j, key, where) : fallback;
+}
+
 ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string& where) {
   if (!j.is_object()) throw ConfigError(where + ": expected a JSON object");
   ModelConfig c;
@@ -45,20 +49,20 @@ ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string
   c.hidden_dim = required_int(j, "intermediate_size", where);
   c.n_layers = required_int(j, "num_hidden_layers", where);
   c.n_heads = required_int(j, "num_attention_heads", where);
-  c.n_kv_heads = j.contains("num_key_value_heads") ? required_int(j, "num_key_value_heads", where) : c.n_heads;
+  c.n_kv_heads = optional_int(j, "num_key_value_heads", c.n_heads, where);
   c.vocab_size = required_int(j, "vocab_size", where);
   c.max_seq_len = required_int(j, "max_position_embeddings", where);
   c.norm_eps = j.value("rms_norm_eps", 1e-5);
   c.rope_theta = j.value("rope_theta", 10000.0);
   c.tied_embeddings = j.value("tie_word_embeddings", false);
-  c.bos_token_id = j.value("bos_token_id", int64_t{1});
+  c.bos_token_id = optional_int(j, "bos_token_id", 1, where);
   if (j.contains("eos_token_id")) {
     const auto& eos = j["eos_token_id"];
     c.stop_token_ids.clear();
-    if (eos.is_array())
-      for (auto& e : eos) c.stop_token_ids.push_back(e.get<int64_t>());
-    else if (eos.is_number_integer())
-      c.stop_token_ids.push_back(eos.get<int64_t>());
+    for (const auto& e : eos.is_array() ? eos : nlohmann::json::array({eos})) {
+      if (!e.is_number_integer()) throw ConfigError(where + ": eos_token_id must be an integer or a list of integers");
+      c.stop_token_ids.push_back(e.get<int64_t>());
+    }
   }
   if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
     const auto& rs = j["rope_scaling"];
@@ -69,7 +73,7 @@ ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string
     c.rope_scaling.factor = rs.value("factor", 8.0);
     c.rope_scaling.low_freq_factor = rs.value("low_freq_factor", 1.0);
     c.rope_scaling.high_freq_factor = rs.value("high_freq_factor", 4.0);
-    c.rope_scaling.original_max_position_embeddings = rs.value("original_max_position_embeddings", int64_t{8192});
+    c.rope_scaling.original_max_position_embeddings = optional_int(rs, "original_max_position_embeddings", 8192, where + ": rope_scaling");
   }
   try {
     c.validate();

@@ -119,7 +119,8 @@ RingTimeouts parse_timeouts(const FieldReader& in, const json& j, const std::str
                                                                        {"receive_s", &t.receive},
                                                                        {"http_init_s", &t.http_init},
                                                                        {"heartbeat_s", &t.heartbeat}};
-  for (const auto& [key, value] : j.items()) {
+  for (const auto& item : j.items()) {
+    const std::string& key = item.key();
     auto* field = std::find_if(std::begin(fields), std::end(fields), [&](const auto& f) { return key == f.first; });
     // A misspelt timeout silently falling back to its default would be found only in production.
     if (field == std::end(fields))

@@ -12,6 +12,7 @@ packages=(
   libpcre2-dev                          # pre-tokenizer regexes of tokenizer.json
   libssl-dev                            # SHA-256 of model chunks
   python3 python3-yaml                  # tests/docker_offline_check.py
+  clang libclang-rt-14-dev              # scripts/fuzz.sh: libFuzzer targets (clang 14 and its fuzzer runtime)
 )
 
 missing=()
