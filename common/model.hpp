@@ -112,6 +112,7 @@ class ModelChunk {
   // the weights may be bf16 or f16 and every product accumulates in float32; dtype() elsewhere.
   torch::ScalarType activation_dtype() const { return act_dtype_; }
   int64_t parameter_bytes() const;
+  const ChunkWeights& weights() const { return weights_; }
 
  private:
   // One step each of the forward pass. On CPU they run this file's fused float32
