@@ -44,6 +44,7 @@ nlohmann::json InitRequest::to_json() const {
           {"max_frame_bytes", max_frame_bytes},
           {"chunk", {{"sha256", chunk_sha256}, {"path", chunk_path}}}};
   if (!interpretability.empty()) j["interpretability"] = interpretability.to_json();
+  if (training) j["training"] = training->to_json();
   return j;
 }
 
@@ -94,6 +95,15 @@ InitRequest InitRequest::parse(const nlohmann::json& j) {
     } catch (const InterpretabilityError& e) {
       throw InitRequestError(e.what());
     }
+  }
+  if (j.contains("training")) {
+    if (!r.interpretability.empty()) throw InitRequestError("/init: \"training\" and \"interpretability\" do not go together");
+    try {
+      r.training = TrainingPlan::from_json(j["training"], r.model.n_layers, r.max_seq_len);
+    } catch (const TrainingPlanError& e) {
+      throw InitRequestError(e.what());
+    }
+    if (r.dtype != "float32") throw InitRequestError("/init: training runs in float32, got dtype \"" + r.dtype + "\"");
   }
   return r;
 }

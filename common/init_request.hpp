@@ -2,6 +2,7 @@
 // The body of POST /init: everything a secondary needs to join a run. The
 // starter builds it; the secondary validates every field before acting on it.
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -10,6 +11,7 @@
 #include "common/interpretability.hpp"
 #include "common/model_config.hpp"
 #include "common/nodes_config.hpp"
+#include "common/training_plan.hpp"
 
 namespace mdi {
 
@@ -32,6 +34,8 @@ struct InitRequest {
   uint64_t max_frame_bytes = 0;
   // Optional: the captures and interventions of this node's layers (absent: none).
   InterpretabilityPlan interpretability;
+  // Optional: fine-tune this node's layers instead of running inference (absent: inference).
+  std::optional<TrainingPlan> training;
 
   nlohmann::json to_json() const;
   // Throws InitRequestError naming the field and the problem.
