@@ -30,6 +30,11 @@ void ModelConfig::validate() const {
   if (head_dim() % 2 != 0) throw ConfigError("model config: head dimension " + std::to_string(head_dim()) + " is odd; RoPE needs pairs");
   if (!(norm_eps > 0)) throw ConfigError("model config: rms_norm_eps must be positive");
   if (!(rope_theta > 0)) throw ConfigError("model config: rope_theta must be positive");
+  if (has_rope_scaling && !(rope_scaling.factor > 0 && rope_scaling.low_freq_factor > 0 &&
+                            rope_scaling.high_freq_factor > rope_scaling.low_freq_factor &&
+                            rope_scaling.original_max_position_embeddings > 0))
+    throw ConfigError("model config: rope_scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                      "original_max_position_embeddings > 0");
 }
 
 static int64_t required_int(const nlohmann::json& j, const char* key, const std::string& where) {
@@ -42,6 +47,26 @@ static int64_t optional_int(const nlohmann::json& j, const char* key, int64_t fa
   return j.contains(key) ? required_int(j, key, where) : fallback;
 }
 
+// nlohmann's value() would throw its own type_error on a string where a number belongs,
+// which names neither the file nor the field.
+static double optional_number(const nlohmann::json& j, const char* key, double fallback, const std::string& where) {
+  if (!j.contains(key)) return fallback;
+  if (!j[key].is_number()) throw ConfigError(where + ": field \"" + key + "\" must be a number");
+  return j[key].get<double>();
+}
+
+static bool optional_bool(const nlohmann::json& j, const char* key, bool fallback, const std::string& where) {
+  if (!j.contains(key)) return fallback;
+  if (!j[key].is_boolean()) throw ConfigError(where + ": field \"" + key + "\" must be true or false");
+  return j[key].get<bool>();
+}
+
+static std::string optional_string(const nlohmann::json& j, const char* key, const std::string& fallback, const std::string& where) {
+  if (!j.contains(key)) return fallback;
+  if (!j[key].is_string()) throw ConfigError(where + ": field \"" + key + "\" must be a string");
+  return j[key].get<std::string>();
+}
+
 ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string& where) {
   if (!j.is_object()) throw ConfigError(where + ": expected a JSON object");
   ModelConfig c;
@@ -52,9 +77,9 @@ ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string
   c.n_kv_heads = optional_int(j, "num_key_value_heads", c.n_heads, where);
   c.vocab_size = required_int(j, "vocab_size", where);
   c.max_seq_len = required_int(j, "max_position_embeddings", where);
-  c.norm_eps = j.value("rms_norm_eps", 1e-5);
-  c.rope_theta = j.value("rope_theta", 10000.0);
-  c.tied_embeddings = j.value("tie_word_embeddings", false);
+  c.norm_eps = optional_number(j, "rms_norm_eps", 1e-5, where);
+  c.rope_theta = optional_number(j, "rope_theta", 10000.0, where);
+  c.tied_embeddings = optional_bool(j, "tie_word_embeddings", false, where);
   c.bos_token_id = optional_int(j, "bos_token_id", 1, where);
   if (j.contains("eos_token_id")) {
     const auto& eos = j["eos_token_id"];
@@ -66,14 +91,15 @@ ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string
   }
   if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
     const auto& rs = j["rope_scaling"];
-    std::string type = rs.value("rope_type", rs.value("type", std::string()));
+    const std::string scaling = where + ": rope_scaling";
+    const std::string type = optional_string(rs, "rope_type", optional_string(rs, "type", "", scaling), scaling);
     if (type != "llama3")
       throw ConfigError(where + ": rope_scaling type \"" + type + "\" is not supported (only \"llama3\")");
     c.has_rope_scaling = true;
-    c.rope_scaling.factor = rs.value("factor", 8.0);
-    c.rope_scaling.low_freq_factor = rs.value("low_freq_factor", 1.0);
-    c.rope_scaling.high_freq_factor = rs.value("high_freq_factor", 4.0);
-    c.rope_scaling.original_max_position_embeddings = optional_int(rs, "original_max_position_embeddings", 8192, where + ": rope_scaling");
+    c.rope_scaling.factor = optional_number(rs, "factor", 8.0, scaling);
+    c.rope_scaling.low_freq_factor = optional_number(rs, "low_freq_factor", 1.0, scaling);
+    c.rope_scaling.high_freq_factor = optional_number(rs, "high_freq_factor", 4.0, scaling);
+    c.rope_scaling.original_max_position_embeddings = optional_int(rs, "original_max_position_embeddings", 8192, scaling);
   }
   try {
     c.validate();
