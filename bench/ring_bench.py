@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Ring benchmark: standalone against 2- and 3-node rings on loopback, with
-n_samples = 1, n_nodes and 2 x n_nodes; optionally with every node in its own
+n_samples = 1, n_nodes, 2 x n_nodes and 8 (micro-batches of --micro-batch samples,
+by default n_samples / n_nodes rounded up); optionally with every node in its own
 network namespace behind a tbf bandwidth limit (root only).
 
 Prints a Markdown table and writes it, the raw JSON and a PNG plot of
@@ -103,7 +104,7 @@ class Netns:
         self.cleanup()
 
 
-def run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, work, netns=None):
+def run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, micro_batch, work, netns=None):
     addrs = netns.addrs if netns else ["127.0.0.1"] * n_nodes
     config = {"nodes": {"starter": node(addrs[0], False), "secondary": [node(a, True) for a in addrs[1:]]}}
     for s in config["nodes"]["secondary"]:
@@ -120,7 +121,8 @@ def run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, work, netns=None)
                                           stdout=subprocess.DEVNULL, stderr=open(work / f"secondary{i}.log", "w")))
         prefix = netns.prefix(0) if netns else []
         cmd = prefix + [str(BIN / "starter"), "--ckpt", str(model_dir), "--n-samples", str(n_samples), "--n-tokens", str(n_tokens),
-                        "--temperature", "0", "--prompt", "Once upon a time", "--threads", str(threads), "--out", str(out)]
+                        "--temperature", "0", "--prompt", "Once upon a time", "--threads", str(threads), "--out", str(out),
+                        "--micro-batch", str(micro_batch)]
         if n_nodes > 1:
             cmd += ["--nodes-config", str(cfg)]
         t0 = time.time()
@@ -137,10 +139,11 @@ def run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, work, netns=None)
     return result
 
 
-def summarize(name, net, n_nodes, n_samples, result):
+def summarize(name, net, n_nodes, n_samples, micro_batch, result):
     stats = result["stats"]
     tokens = stats["generated_tokens"]
     row = {"model": name, "network": net, "nodes": n_nodes, "samples": n_samples, "tokens": tokens,
+           "micro_batch": micro_batch or (n_samples if n_nodes == 1 else -(-n_samples // n_nodes)),
            "tokens_per_s": stats["tokens_per_s"], "ms_per_token": 1000.0 / stats["tokens_per_s"] if stats["tokens_per_s"] else 0,
            "timeline": [t for t in result["stats"].get("token_times", [])]}
     nodes = stats.get("nodes", {})
@@ -159,7 +162,8 @@ def summarize(name, net, n_nodes, n_samples, result):
     compute_ms = sum(1000 * (nodes[k] if k == "starter" else nodes[k]["stage"])["compute_s"] /
                      max(1, (nodes[k] if k == "starter" else nodes[k]["stage"])["frames"])
                      for k in nodes if k == "starter" or "stage" in nodes[k])
-    round_trip_ms = row["ms_per_token"] * n_samples
+    # a frame carries a micro-batch: its round trip yields micro_batch tokens
+    round_trip_ms = row["ms_per_token"] * n_samples / min(n_samples, row["micro_batch"])
     row["transfer_ms_per_hop"] = max(0.0, round_trip_ms - compute_ms) / n_nodes if nodes else 0.0
     row["bytes_per_token"] = bytes_total / tokens if tokens and bytes_total else 0
     return row
@@ -171,6 +175,7 @@ def main():
     ap.add_argument("--n-tokens", type=int, default=0, help="new tokens per sample (default: 200 for stories260K, 24 otherwise)")
     ap.add_argument("--threads", type=int, default=0, help="LibTorch threads per node (default: cores / nodes, at least 1)")
     ap.add_argument("--netns", default="", help="comma-separated tbf rates, e.g. 1gbit,100mbit (needs root)")
+    ap.add_argument("--micro-batch", type=int, default=0, help="starter --micro-batch (default 0: n_samples / n_nodes, rounded up)")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     if not args.no_build:
@@ -187,26 +192,33 @@ def main():
             n_tokens = args.n_tokens or (200 if model == "stories260K" else 24)
             networks = [("loopback", None)] + [(f"netns {r}", r) for r in rates]
             for net, rate in networks:
-                configs = [(1, 1)] + [(n, s) for n in (2, 3) for s in sorted({1, n, 2 * n})]
+                configs = [(1, 1), (1, 8)] + [(n, s) for n in (2, 3) for s in sorted({1, n, 2 * n, 8})]
                 for n_nodes, n_samples in configs:
                     if rate and n_nodes == 1:
                         continue
                     threads = args.threads or max(1, (os.cpu_count() or 1) // n_nodes)
                     if rate:
                         with Netns(n_nodes, rate) as ns:
-                            result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, work, ns)
+                            result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, args.micro_batch, work, ns)
                     else:
-                        result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, work)
-                    row = summarize(model, net, n_nodes, n_samples, result)
+                        result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, args.micro_batch, work)
+                    row = summarize(model, net, n_nodes, n_samples, args.micro_batch, result)
                     rows.append(row)
                     print(f"{model} {net} {n_nodes} nodes {n_samples} samples: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     lines = [f"Ring benchmark on {machine}, {time.strftime('%Y-%m-%d')}. Greedy, prompt \"Once upon a time\".", "",
-             "| model | network | nodes | samples | tokens | tokens/s | ms/token | queue+transfer ms/hop | bytes/token on the wire | per node, per frame |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | network | nodes | samples | micro-batch | tokens | tokens/s | ms/token | queue+transfer ms/hop | bytes/token on the wire | per node, per frame |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['network']} | {r['nodes']} | {r['samples']} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['model']} | {r['network']} | {r['nodes']} | {r['samples']} | {r['micro_batch']} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
                      f"{r['ms_per_token']:.2f} | {r['transfer_ms_per_hop']:.3f} | {r['bytes_per_token']:.0f} | {r['per_node']} |")
+    lines += ["", "Aggregate tokens/s with 8 samples against 1 sample, same model, network and nodes:", "",
+              "| model | network | nodes | 1 sample tok/s | 8 samples tok/s | ratio |", "|---|---|---|---|---|---|"]
+    for r8 in rows:
+        r1 = next((r for r in rows if r["samples"] == 1 and all(r[k] == r8[k] for k in ("model", "network", "nodes"))), None)
+        if r8["samples"] == 8 and r1 and r1["tokens_per_s"]:
+            lines.append(f"| {r8['model']} | {r8['network']} | {r8['nodes']} | {r1['tokens_per_s']:.1f} | {r8['tokens_per_s']:.1f} | "
+                         f"{r8['tokens_per_s'] / r1['tokens_per_s']:.2f}x |")
     table = "\n".join(lines) + "\n"
     print(table)
     (RESULTS / "ring_bench.md").write_text(table)
@@ -223,7 +235,7 @@ def main():
     for ax, model in zip(axes[0], models):
         for r in rows:
             if r["model"] == model and r["timeline"]:
-                ax.plot(range(1, len(r["timeline"]) + 1), r["timeline"], label=f"{r['network']}, {r['nodes']} nodes, {r['samples']} samples")
+                ax.plot(range(1, len(r["timeline"]) + 1), r["timeline"], label=f"{r['network']}, {r['nodes']} nodes, {r['samples']} samples (batches of {r['micro_batch']})")
         ax.set_title(model)
         ax.set_xlabel("generated tokens (all samples)")
         ax.set_ylabel("time (s)")

@@ -12,8 +12,8 @@ namespace {
 // Header field offsets; the table in frame.hpp is the reference.
 constexpr size_t kOffMagic = 0, kOffVersion = 4, kOffType = 6, kOffFlags = 8, kOffDType = 10, kOffNDim = 11,
                  kOffSampleId = 12, kOffStartPos = 16, kOffNTokens = 20, kOffLayer = 24, kOffShape = 28,
-                 kOffReserved = 44, kOffStep = 48, kOffPayloadBytes = 56;
-static_assert(kOffShape + 4 * kMaxFrameDims == kOffReserved && kOffPayloadBytes + 8 == kFrameHeaderBytes);
+                 kOffSegments = 44, kOffStep = 48, kOffPayloadBytes = 56;
+static_assert(kOffShape + 4 * kMaxFrameDims == kOffSegments && kOffPayloadBytes + 8 == kFrameHeaderBytes);
 
 template <class T>
 void put_le(uint8_t* out, T value) {
@@ -90,6 +90,7 @@ const char* frame_type_name(FrameType type) {
     case FrameType::Intervention: return "Intervention";
     case FrameType::Gradients: return "Gradients";
     case FrameType::ControlScalar: return "ControlScalar";
+    case FrameType::ActivationBatch: return "ActivationBatch";
     case FrameType::Count: break;
   }
   return "unknown";
@@ -108,6 +109,7 @@ void encode_header(const FrameHeader& h, uint8_t out[kFrameHeaderBytes]) {
   put_le<uint32_t>(out + kOffNTokens, h.n_tokens);
   put_le<uint32_t>(out + kOffLayer, h.layer);
   for (size_t d = 0; d < kMaxFrameDims; ++d) put_le<uint32_t>(out + kOffShape + 4 * d, h.shape[d]);
+  put_le<uint32_t>(out + kOffSegments, h.segments);
   put_le<uint64_t>(out + kOffStep, h.step);
   put_le<uint64_t>(out + kOffPayloadBytes, h.payload_bytes);
 }
@@ -146,8 +148,15 @@ FrameHeader decode_header(const uint8_t in[kFrameHeaderBytes], const FrameLimits
       reject("shape[" + std::to_string(d) + "]",
              "is " + std::to_string(h.shape[d]) + " but ndim is " + std::to_string(h.ndim) + "; unused dims must be 0");
   }
-  const uint32_t reserved = get_le<uint32_t>(in + kOffReserved);
-  if (reserved != 0) reject("reserved", "bytes 44..47 are " + hex(reserved) + "; they must be zero");
+  h.segments = get_le<uint32_t>(in + kOffSegments);
+  const bool batch = h.type == FrameType::ActivationBatch;
+  if (!batch && h.segments != 0)
+    reject("segments", "is " + std::to_string(h.segments) + " in a " + frame_type_name(h.type) +
+                           " frame; only ActivationBatch frames have segments");
+  if (batch && (h.ndim != 2 || h.segments == 0 || h.segments > h.n_tokens || h.shape[0] != h.n_tokens))
+    reject("segments", std::to_string(h.segments) + " with ndim " + std::to_string(h.ndim) + ", shape[0] " +
+                           std::to_string(h.shape[0]) + " and n_tokens " + std::to_string(h.n_tokens) +
+                           ": an ActivationBatch holds 1..n_tokens segments and a [n_tokens, dim] tensor");
   h.step = get_le<uint64_t>(in + kOffStep);
   h.payload_bytes = get_le<uint64_t>(in + kOffPayloadBytes);
 
@@ -164,11 +173,13 @@ FrameHeader decode_header(const uint8_t in[kFrameHeaderBytes], const FrameLimits
       reject("payload_bytes", std::to_string(h.payload_bytes) + " must be 0 when ndim is 0 (no tensor)");
   } else {
     uint64_t expected = 0;
-    if (!tensor_bytes(h.dtype, h.shape.data(), h.ndim, expected))
+    if (!tensor_bytes(h.dtype, h.shape.data(), h.ndim, expected) ||
+        expected > std::numeric_limits<uint64_t>::max() - batch_rows_offset(h))
       reject("shape", "product times the " + std::string(wire_dtype_name(h.dtype)) + " size overflows 64 bits");
+    expected += batch_rows_offset(h);  // segments are at most n_tokens, itself capped above
     if (expected != h.payload_bytes)
-      reject("payload_bytes", std::to_string(h.payload_bytes) + " does not match shape x " + wire_dtype_name(h.dtype) +
-                                  " = " + std::to_string(expected) + " bytes");
+      reject("payload_bytes", std::to_string(h.payload_bytes) + " does not match " + (batch ? "the segment table + " : "") +
+                                  "shape x " + wire_dtype_name(h.dtype) + " = " + std::to_string(expected) + " bytes");
   }
   if (is_control_type(h.type) && h.ndim != 0)
     reject("ndim", std::to_string(h.ndim) + " must be 0 for a " + frame_type_name(h.type) + " frame (no payload)");
@@ -198,6 +209,65 @@ Frame make_tensor_frame(FrameType type, uint32_t sample_id, uint32_t start_pos, 
   const auto* first = static_cast<const uint8_t*>(data);
   frame.payload.assign(first, first + bytes);
   return frame;
+}
+
+Frame make_activation_batch_frame(const std::vector<BatchSegment>& segments, WireDType dtype, uint32_t dim, const void* rows,
+                                  size_t rows_bytes) {
+  uint64_t n_rows = 0;
+  for (const BatchSegment& s : segments) n_rows += s.n_tokens;
+  if (segments.empty() || n_rows > std::numeric_limits<uint32_t>::max() ||
+      rows_bytes != n_rows * dim * wire_dtype_size(dtype))
+    throw std::invalid_argument("make_activation_batch_frame: " + std::to_string(rows_bytes) + " bytes do not hold " +
+                                std::to_string(n_rows) + " rows of " + std::to_string(dim) + " " + wire_dtype_name(dtype) +
+                                " in " + std::to_string(segments.size()) + " segments");
+  Frame frame;
+  FrameHeader& h = frame.header;
+  h.type = FrameType::ActivationBatch;
+  h.dtype = dtype;
+  h.ndim = 2;
+  h.shape = {static_cast<uint32_t>(n_rows), dim, 0, 0};
+  h.n_tokens = static_cast<uint32_t>(n_rows);
+  h.segments = static_cast<uint32_t>(segments.size());
+  h.payload_bytes = batch_rows_offset(h) + rows_bytes;
+  frame.payload.resize(h.payload_bytes);
+  uint8_t* entry = frame.payload.data();
+  for (const BatchSegment& s : segments) {
+    put_le<uint32_t>(entry + 0, s.sample_id);
+    put_le<uint32_t>(entry + 4, s.start_pos);
+    put_le<uint32_t>(entry + 8, s.n_tokens);
+    put_le<uint32_t>(entry + 12, 0);
+    entry += kBatchSegmentBytes;
+  }
+  std::memcpy(entry, rows, rows_bytes);
+  return frame;
+}
+
+std::vector<BatchSegment> decode_batch_segments(const Frame& frame, const FrameLimits& limits) {
+  const FrameHeader& h = frame.header;
+  if (h.type != FrameType::ActivationBatch || frame.payload.size() < batch_rows_offset(h))
+    throw ProtocolError(std::string("expected an ActivationBatch frame with its segment table, got ") + frame_type_name(h.type));
+  std::vector<BatchSegment> segments(h.segments);
+  uint64_t rows = 0;
+  for (uint32_t i = 0; i < h.segments; ++i) {
+    const uint8_t* entry = frame.payload.data() + i * kBatchSegmentBytes;
+    BatchSegment& s = segments[i];
+    s = {get_le<uint32_t>(entry), get_le<uint32_t>(entry + 4), get_le<uint32_t>(entry + 8)};
+    const std::string what = "ActivationBatch segment " + std::to_string(i) + " (sample " + std::to_string(s.sample_id) + ")";
+    if (get_le<uint32_t>(entry + 12) != 0) throw ProtocolError(what + ": its bytes 12..15 must be zero");
+    if (s.n_tokens == 0 || s.n_tokens > limits.max_tokens || s.start_pos > limits.max_tokens - s.n_tokens)
+      throw ProtocolError(what + ": start_pos " + std::to_string(s.start_pos) + " and n_tokens " + std::to_string(s.n_tokens) +
+                          " must name 1 or more positions below " + std::to_string(limits.max_tokens));
+    rows += s.n_tokens;
+  }
+  std::vector<uint32_t> ids;
+  for (const BatchSegment& s : segments) ids.push_back(s.sample_id);
+  std::sort(ids.begin(), ids.end());
+  if (auto twice = std::adjacent_find(ids.begin(), ids.end()); twice != ids.end())
+    throw ProtocolError("ActivationBatch has two segments of sample " + std::to_string(*twice));
+  if (rows != h.n_tokens)
+    throw ProtocolError("ActivationBatch segments hold " + std::to_string(rows) + " tokens, the header says " +
+                        std::to_string(h.n_tokens));
+  return segments;
 }
 
 Frame make_control_frame(FrameType type, uint32_t sample_id) {

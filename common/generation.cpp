@@ -16,24 +16,34 @@ RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress
   std::vector<KvCache> caches;
   for (size_t i = 0; i < samples.size(); ++i) caches.push_back(model.new_cache());
 
+  // Every running sample takes one step per pass, as few micro-batches as the rows allow.
   const auto run_start = clock::now();
-  for (bool any_running = true; any_running;) {
-    any_running = false;
-    for (size_t i = 0; i < samples.size(); ++i) {
-      SampleProgress& s = samples[i];
-      if (!s.running()) continue;
-      auto input = s.pending_input();
-      const LayerHook hook = hooks ? hooks(static_cast<uint32_t>(s.index()), s.pending_pos()) : nullptr;
-      auto logits = model.forward(torch::tensor(input, torch::kLong), caches[i], s.pending_pos(), true, hook);
-      s.mark_fed();
-      auto row = logits[0].contiguous().to(torch::kCPU);
-      const int64_t token = s.advance(row.data_ptr<float>(), row.size(0));
-      stats.record_token(std::chrono::duration<double>(clock::now() - run_start).count());
-      if (on_token) on_token(s, token);
-      if (s.running())
-        any_running = true;
-      else
-        caches[i] = model.new_cache();  // a stopped sample frees its cache at once
+  for (;;) {
+    std::vector<size_t> running;
+    std::vector<int64_t> rows;
+    for (size_t i = 0; i < samples.size(); ++i)
+      if (samples[i].running()) running.push_back(i), rows.push_back(static_cast<int64_t>(samples[i].pending_input().size()));
+    if (running.empty()) break;
+    for (const auto& batch : pack_micro_batches(rows, running.size())) {
+      std::vector<int64_t> input;
+      std::vector<SequenceSpan> spans;
+      for (size_t b : batch) {
+        SampleProgress& s = samples[running[b]];
+        const auto tokens = s.pending_input();
+        input.insert(input.end(), tokens.begin(), tokens.end());
+        const LayerHook hook = hooks ? hooks(static_cast<uint32_t>(s.index()), s.pending_pos()) : nullptr;
+        spans.push_back({&caches[running[b]], s.pending_pos(), static_cast<int64_t>(tokens.size()), hook});
+      }
+      auto logits = model.forward(torch::tensor(input, torch::kLong), spans).to(torch::kCPU).contiguous();
+      for (size_t k = 0; k < batch.size(); ++k) {
+        const size_t i = running[batch[k]];
+        SampleProgress& s = samples[i];
+        s.mark_fed();
+        const int64_t token = s.advance(logits[k].data_ptr<float>(), logits.size(1));
+        stats.record_token(std::chrono::duration<double>(clock::now() - run_start).count());
+        if (on_token) on_token(s, token);
+        if (!s.running()) caches[i] = model.new_cache();  // a stopped sample frees its cache at once
+      }
     }
   }
   return stats;

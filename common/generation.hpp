@@ -17,8 +17,8 @@ using TokenCallback = std::function<void(const SampleProgress& sample, int64_t t
 // (common/hidden_states), in standalone runs and on every node of a ring alike.
 using HookFactory = std::function<LayerHook(uint32_t sample, int64_t start_pos)>;
 
-// Runs every sample to its stop, one step of each in turn, as the ring
-// interleaves them. The model must hold the embedding and the head.
+// Runs every sample to its stop: each pass gives every running sample one step,
+// in micro-batches (pack_micro_batches). The model must hold the embedding and the head.
 RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token,
                              const HookFactory& hooks = nullptr);
 

@@ -366,11 +366,17 @@ torch::Tensor ModelChunk::rms_norm(const torch::Tensor& x, const torch::Tensor& 
   return out;
 }
 
-// x (T, in) · w (out, in)ᵀ → (T, out). On CPU, float32 weights with several tokens take
-// BLAS's matrix product; everything else the streaming kernel, which reads w once.
+// x (T, in) · w (out, in)ᵀ → (T, out). On CPU the streaming kernel reads w once and
+// gives each row the same arithmetic whatever its neighbours, so a micro-batch changes
+// no sample's numbers; float32 weights with more rows than that (long prompts) take
+// BLAS's matrix product.
+static bool blas_rows(const torch::Tensor& x, const torch::Tensor& w) {
+  return x.size(0) > kBatchInvariantRows && w.scalar_type() == torch::kFloat32;
+}
+
 torch::Tensor ModelChunk::project(const torch::Tensor& x, const torch::Tensor& w) const {
   if (!cpu_kernels_) return aten_project(x, w);
-  if (x.size(0) > 1 && w.scalar_type() == torch::kFloat32) return torch::linear(x, w);
+  if (blas_rows(x, w)) return torch::linear(x, w);
   auto y = torch::empty({x.size(0), w.size(0)}, torch::kFloat32);
   with_weight_type(w, [&](auto* wp) { linear_kernel(x.data_ptr<float>(), x.size(0), wp, w.size(1), w.size(0), nullptr, y.data_ptr<float>()); });
   return y;
@@ -379,7 +385,7 @@ torch::Tensor ModelChunk::project(const torch::Tensor& x, const torch::Tensor& w
 // residual + x · wᵀ, as a new tensor (a hook may hold on to the residual it saw)
 torch::Tensor ModelChunk::residual_project(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& w) const {
   if (!cpu_kernels_) return residual + aten_project(x, w);
-  if (x.size(0) > 1 && w.scalar_type() == torch::kFloat32) return torch::addmm(residual, x, w.t());
+  if (blas_rows(x, w)) return torch::addmm(residual, x, w.t());
   auto y = torch::empty({x.size(0), w.size(0)}, torch::kFloat32);
   with_weight_type(w, [&](auto* wp) {
     linear_kernel(x.data_ptr<float>(), x.size(0), wp, w.size(1), w.size(0), residual.data_ptr<float>(), y.data_ptr<float>());
@@ -387,9 +393,19 @@ torch::Tensor ModelChunk::residual_project(const torch::Tensor& residual, const 
   return y;
 }
 
-// qkv (T, dim + 2 * kv_dim) → RoPE on q and k, k and v into the cache, attention of the
-// T queries over the cache → (T, dim)
-torch::Tensor ModelChunk::attention(const torch::Tensor& qkv, KvCache& cache, int64_t layer, int64_t start_pos) const {
+torch::Tensor ModelChunk::attention(const torch::Tensor& qkv, const std::vector<SequenceSpan>& spans, int64_t layer) const {
+  auto out = torch::empty({qkv.size(0), config_.dim}, qkv.options());
+  int64_t row = 0;
+  for (const SequenceSpan& span : spans) {
+    span_attention(qkv.narrow(0, row, span.n_tokens), *span.cache, layer, span.start_pos, out.narrow(0, row, span.n_tokens));
+    row += span.n_tokens;
+  }
+  return out;
+}
+
+// qkv (T, dim + 2 * kv_dim) of one sample → RoPE on q and k, k and v into its cache,
+// attention of the T queries over the cache → out (T, dim)
+void ModelChunk::span_attention(const torch::Tensor& qkv, KvCache& cache, int64_t layer, int64_t start_pos, torch::Tensor out) const {
   const int64_t T = qkv.size(0), dim = config_.dim, kv_dim = config_.kv_dim(), hd = config_.head_dim();
   const int64_t n_kv = config_.n_kv_heads, group = config_.n_heads / n_kv, len = start_pos + T;
   if (cpu_kernels_) {
@@ -404,9 +420,8 @@ torch::Tensor ModelChunk::attention(const torch::Tensor& qkv, KvCache& cache, in
         std::copy(k, k + hd, keys + (h * capacity + start_pos + t) * hd);
         std::copy(k + kv_dim, k + kv_dim + hd, values + (h * capacity + start_pos + t) * hd);
       }
-    auto out = torch::empty({T, dim}, torch::kFloat32);
     attention_kernel(p, stride, keys, values, capacity, T, start_pos, config_.n_heads, n_kv, hd, out.data_ptr<float>());
-    return out;
+    return;
   }
 
   auto q = qkv.narrow(1, 0, dim).view({T, config_.n_heads, hd});
@@ -429,7 +444,7 @@ torch::Tensor ModelChunk::attention(const torch::Tensor& qkv, KvCache& cache, in
     scores = scores.masked_fill(future, -std::numeric_limits<float>::infinity());
   }
   auto probs = torch::softmax(scores, -1).to(dtype_);
-  return torch::matmul(probs, values).permute({2, 0, 1, 3}).reshape({T, dim});
+  out.copy_(torch::matmul(probs, values).permute({2, 0, 1, 3}).reshape({T, dim}));
 }
 
 // gate_up (T, 2 * hidden) → silu(gate) * up (T, hidden)
@@ -450,34 +465,67 @@ torch::Tensor ModelChunk::swiglu(const torch::Tensor& gate_up) const {
   return out;
 }
 
-torch::Tensor ModelChunk::residual_stream(const torch::Tensor& input, KvCache& cache, int64_t start_pos, const LayerHook& hook) const {
+torch::Tensor ModelChunk::residual_stream(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const {
   c10::InferenceMode inference;
-  const int64_t T = input.size(0);
-  if (start_pos < 0 || start_pos + T > config_.max_seq_len)
-    throw ContextLengthError("positions " + std::to_string(start_pos) + ".." + std::to_string(start_pos + T - 1) +
-                             " pass the model's context length " + std::to_string(config_.max_seq_len));
+  int64_t rows = 0;
+  for (const SequenceSpan& span : spans) {
+    if (span.start_pos < 0 || span.start_pos + span.n_tokens > config_.max_seq_len)
+      throw ContextLengthError("positions " + std::to_string(span.start_pos) + ".." + std::to_string(span.start_pos + span.n_tokens - 1) +
+                               " pass the model's context length " + std::to_string(config_.max_seq_len));
+    if (span.n_tokens < 1 || !span.cache) throw std::invalid_argument("a sequence span needs a cache and at least one token");
+    rows += span.n_tokens;
+  }
+  if (spans.empty() || rows != input.size(0))
+    throw std::invalid_argument("the batch has " + std::to_string(input.size(0)) + " rows but its spans cover " + std::to_string(rows));
 
-  // residual stream (T, dim), in the activation dtype
+  // residual stream (rows, dim), in the activation dtype
   torch::Tensor x = spec_.embedding ? embed(input) : activations(input);
-  if (hook && spec_.embedding) hook(kEmbeddingLayer, x), x = activations(x);
-  cache.reserve(start_pos + T);
+  if (spec_.embedding) apply_hooks(kEmbeddingLayer, x, spans);
+  for (const SequenceSpan& span : spans) span.cache->reserve(span.start_pos + span.n_tokens);
   for (int64_t l = 0; l < spec_.layers.size(); ++l) {
     const LayerWeights& w = weights_.layers[l];
     // attention block: fused q/k/v projection, RoPE, cache append, attention over the cache; residual
     auto qkv = project(rms_norm(x, w.attn_norm), w.wqkv);
-    x = residual_project(x, attention(qkv, cache, l, start_pos), w.wo);
+    x = residual_project(x, attention(qkv, spans, l), w.wo);
     // SwiGLU feed-forward block: fused gate/up projection; residual
     auto gate_up = project(rms_norm(x, w.ffn_norm), w.w_gate_up);
     x = residual_project(x, swiglu(gate_up), w.w_down);
-    if (hook) hook(spec_.layers.begin + l, x), x = activations(x);
+    apply_hooks(spec_.layers.begin + l, x, spans);
   }
   return x;
 }
 
-torch::Tensor ModelChunk::run_layers(const torch::Tensor& input, KvCache& cache, int64_t start_pos, const LayerHook& hook) const {
-  torch::Tensor x = residual_stream(input, cache, start_pos, hook);
+// Each span's hook sees its own rows. A hook that replaces its rows (an intervention)
+// gets them written back into a copy of the batch: the hooks before it may hold the original.
+void ModelChunk::apply_hooks(int64_t layer, torch::Tensor& x, const std::vector<SequenceSpan>& spans) const {
+  if (spans.size() == 1) {
+    if (spans[0].hook) spans[0].hook(layer, x), x = activations(x);
+    return;
+  }
+  bool copied = false;
+  int64_t row = 0;
+  for (const SequenceSpan& span : spans) {
+    if (span.hook) {
+      auto rows = x.narrow(0, row, span.n_tokens);
+      const auto seen = rows;
+      span.hook(layer, rows);
+      if (!rows.is_same(seen)) {
+        if (!copied) x = x.clone(), copied = true;
+        x.narrow(0, row, span.n_tokens).copy_(rows);
+      }
+    }
+    row += span.n_tokens;
+  }
+}
+
+torch::Tensor ModelChunk::run_layers(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const {
+  torch::Tensor x = residual_stream(input, spans);
   c10::InferenceMode inference;
   return x.scalar_type() == dtype_ ? x : x.to(dtype_);
+}
+
+torch::Tensor ModelChunk::run_layers(const torch::Tensor& input, KvCache& cache, int64_t start_pos, const LayerHook& hook) const {
+  return run_layers(input, {{&cache, start_pos, input.size(0), hook}});
 }
 
 torch::Tensor ModelChunk::run_head(const torch::Tensor& hidden, bool last_only) const {
@@ -488,11 +536,39 @@ torch::Tensor ModelChunk::run_head(const torch::Tensor& hidden, bool last_only) 
   return logits.scalar_type() == torch::kFloat32 ? logits : logits.to(torch::kFloat32);
 }
 
+torch::Tensor ModelChunk::forward(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const {
+  if (!spec_.head) return run_layers(input, spans);
+  // the residual stream goes to the head as it is, not through the chunk boundary's dtype
+  torch::Tensor x = residual_stream(input, spans);
+  c10::InferenceMode inference;
+  return run_head(x.index_select(0, last_rows(spans).to(x.device())), false);
+}
+
 torch::Tensor ModelChunk::forward(const torch::Tensor& input, KvCache& cache, int64_t start_pos, bool last_only,
                                   const LayerHook& hook) const {
-  // the residual stream goes to the head as it is, not through the chunk boundary's dtype
-  if (spec_.head) return run_head(residual_stream(input, cache, start_pos, hook), last_only);
-  return run_layers(input, cache, start_pos, hook);
+  const std::vector<SequenceSpan> spans{{&cache, start_pos, input.size(0), hook}};
+  if (spec_.head) return run_head(residual_stream(input, spans), last_only);
+  return run_layers(input, spans);
+}
+
+std::vector<std::vector<size_t>> pack_micro_batches(const std::vector<int64_t>& rows, size_t max_samples) {
+  std::vector<std::vector<size_t>> batches;
+  int64_t batch_rows = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const bool fits = !batches.empty() && batches.back().size() < std::max<size_t>(1, max_samples) &&
+                      batch_rows + rows[i] <= kBatchInvariantRows;
+    if (!fits) batches.emplace_back(), batch_rows = 0;
+    batches.back().push_back(i);
+    batch_rows += rows[i];
+  }
+  return batches;
+}
+
+torch::Tensor last_rows(const std::vector<SequenceSpan>& spans) {
+  std::vector<int64_t> index;
+  int64_t row = 0;
+  for (const SequenceSpan& span : spans) index.push_back((row += span.n_tokens) - 1);
+  return torch::tensor(index, torch::kLong);
 }
 
 torch::Device parse_device(const std::string& text) {

@@ -85,6 +85,23 @@ struct ContextLengthError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// One sample's part of a micro-batch: n_tokens consecutive rows, at positions
+// start_pos.., with the sample's own cache and hook. The samples of a batch share
+// each weight read and nothing else: no padding, no shared cache. On CPU each row's
+// arithmetic is the same whatever else is in the batch, up to kBatchInvariantRows rows.
+struct SequenceSpan {
+  KvCache* cache = nullptr;
+  int64_t start_pos = 0;
+  int64_t n_tokens = 0;
+  LayerHook hook;  // may be empty
+};
+inline constexpr int64_t kBatchInvariantRows = 32;
+
+// Packs samples, in order, into micro-batches of at most `max_samples` samples and
+// kBatchInvariantRows rows; a sample with more rows than that (a long prompt) goes
+// alone. rows[i]: the rows of sample i. Returns the indices into `rows` of each batch.
+std::vector<std::vector<size_t>> pack_micro_batches(const std::vector<int64_t>& rows, size_t max_samples);
+
 class ModelChunk {
  public:
   ModelChunk(ModelConfig config, ChunkSpec spec, ChunkWeights weights, torch::Device device, torch::ScalarType dtype);
@@ -100,6 +117,12 @@ class ModelChunk {
   // and hidden (T, dim) → final norm and head → logits float32.
   torch::Tensor run_layers(const torch::Tensor& input, KvCache& cache, int64_t start_pos, const LayerHook& hook = nullptr) const;
   torch::Tensor run_head(const torch::Tensor& hidden, bool last_only = true) const;
+
+  // A micro-batch: input holds the spans' rows one after the other (ids, or hidden
+  // states (rows, dim)). forward() returns the logits of each span's last row
+  // (spans, vocab) when the chunk holds the head, else hidden states (rows, dim).
+  torch::Tensor forward(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const;
+  torch::Tensor run_layers(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const;
 
   KvCache new_cache() const;
 
@@ -119,12 +142,15 @@ class ModelChunk {
   // kernels; elsewhere ATen ops.
   torch::Tensor activations(const torch::Tensor& x) const;
   // run_layers() without the conversion to dtype() at the end: (T, dim) in the activation dtype.
-  torch::Tensor residual_stream(const torch::Tensor& input, KvCache& cache, int64_t start_pos, const LayerHook& hook) const;
+  torch::Tensor residual_stream(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const;
+  void apply_hooks(int64_t layer, torch::Tensor& x, const std::vector<SequenceSpan>& spans) const;
   torch::Tensor embed(const torch::Tensor& ids) const;
   torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight) const;
   torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w) const;
   torch::Tensor residual_project(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& w) const;
-  torch::Tensor attention(const torch::Tensor& qkv, KvCache& cache, int64_t layer, int64_t start_pos) const;
+  // The spans' attention, each over its own cache: qkv (rows, dim + 2 * kv_dim) → (rows, dim).
+  torch::Tensor attention(const torch::Tensor& qkv, const std::vector<SequenceSpan>& spans, int64_t layer) const;
+  void span_attention(const torch::Tensor& qkv, KvCache& cache, int64_t layer, int64_t start_pos, torch::Tensor out) const;
   torch::Tensor swiglu(const torch::Tensor& gate_up) const;
 
   ModelConfig config_;
@@ -135,6 +161,9 @@ class ModelChunk {
   bool cpu_kernels_;                   // device is the CPU: the fused kernels run
   torch::Tensor rope_cos_, rope_sin_;  // (max_seq_len, head_dim / 2), float32
 };
+
+// The index of each span's last row in its batch: the rows the next tokens come from.
+torch::Tensor last_rows(const std::vector<SequenceSpan>& spans);
 
 // Rotary inverse frequencies (head_dim / 2), with Llama 3.1 scaling when the config has it.
 torch::Tensor rope_inverse_frequencies(const ModelConfig& config);

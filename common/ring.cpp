@@ -1,6 +1,8 @@
 #include "common/ring.hpp"
 
 #include <deque>
+#include <optional>
+#include <utility>
 
 #include <spdlog/spdlog.h>
 
@@ -60,6 +62,34 @@ torch::Tensor activations_tensor(const Frame& frame, int64_t dim, torch::ScalarT
   return torch::from_blob(const_cast<uint8_t*>(frame.payload.data()), {static_cast<int64_t>(h.n_tokens), dim}, dtype);
 }
 
+Frame activations_frame(const std::vector<BatchSegment>& segments, const torch::Tensor& rows) {
+  if (segments.size() == 1) return activations_frame(segments[0].sample_id, segments[0].start_pos, rows);
+  auto cpu = rows.contiguous().to(torch::kCPU);
+  return make_activation_batch_frame(segments, wire_dtype(cpu.scalar_type()), static_cast<uint32_t>(cpu.size(1)), cpu.data_ptr(),
+                                     static_cast<size_t>(cpu.numel()) * cpu.element_size());
+}
+
+ActivationRows activation_rows(const Frame& frame, int64_t dim, torch::ScalarType dtype, int64_t max_seq_len) {
+  const auto& h = frame.header;
+  if (h.type == FrameType::Activations) {
+    if (h.start_pos + static_cast<int64_t>(h.n_tokens) > max_seq_len)
+      throw ProtocolError("Activations frame of sample " + std::to_string(h.sample_id) + " reaches position " +
+                          std::to_string(h.start_pos + h.n_tokens) + ", past the run's context length " + std::to_string(max_seq_len));
+    return {{{h.sample_id, h.start_pos, h.n_tokens}}, activations_tensor(frame, dim, dtype)};
+  }
+  FrameLimits limits;
+  limits.max_tokens = static_cast<uint32_t>(max_seq_len);
+  auto segments = decode_batch_segments(frame, limits);
+  if (h.shape[1] != dim)
+    throw ProtocolError("ActivationBatch rows have " + std::to_string(h.shape[1]) + " columns; this model's hidden size is " +
+                        std::to_string(dim));
+  if (h.dtype != wire_dtype(dtype))
+    throw ProtocolError(std::string("ActivationBatch frame carries ") + wire_dtype_name(h.dtype) + ", this node runs " +
+                        wire_dtype_name(wire_dtype(dtype)));
+  auto* rows = const_cast<uint8_t*>(frame.payload.data()) + batch_rows_offset(h);
+  return {std::move(segments), torch::from_blob(rows, {static_cast<int64_t>(h.n_tokens), dim}, dtype)};
+}
+
 Frame capture_frame(uint32_t sample_id, int64_t layer, int64_t start_pos, const torch::Tensor& rows) {
   Frame frame = activations_frame(sample_id, static_cast<uint32_t>(start_pos), rows);
   frame.header.type = FrameType::Capture;
@@ -102,27 +132,58 @@ nlohmann::json StageStats::to_json() const {
   return {{"compute_s", compute_s_}, {"idle_s", idle_s_}, {"frames", frames_}, {"live_samples", live_samples_}};
 }
 
+namespace {
+bool carries_activations(const Frame& frame) {
+  return frame.header.type == FrameType::Activations || frame.header.type == FrameType::ActivationBatch;
+}
+}  // namespace
+
 void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& stats, const std::atomic<bool>& cancel,
                          std::chrono::milliseconds send_timeout, const LayerProbes* probes) {
+  const int64_t dim = chunk.config().dim, max_seq_len = chunk.config().max_seq_len;
   std::map<uint32_t, KvCache> caches;  // by sample id
   std::vector<Frame> captures;         // of the step being computed
-  while (auto frame = next_frame(*links.from_prev, stats, cancel)) {
+  std::optional<Frame> next;           // popped while gathering a batch, not part of it
+  while (auto frame = next ? std::exchange(next, std::nullopt) : next_frame(*links.from_prev, stats, cancel)) {
     const auto& h = frame->header;
     switch (h.type) {
-      case FrameType::Activations: {
+      case FrameType::Activations:
+      case FrameType::ActivationBatch: {
+        std::vector<Frame> batch;
+        batch.push_back(std::move(*frame));
+        int64_t rows = batch.back().header.n_tokens;
+        while (auto more = links.from_prev->inbound().pop(std::chrono::milliseconds(0))) {
+          if (!carries_activations(*more) || rows + more->header.n_tokens > kBatchInvariantRows) {
+            next = std::move(more);
+            break;
+          }
+          rows += more->header.n_tokens;
+          batch.push_back(std::move(*more));
+        }
         const auto start = clock::now();
-        if (h.start_pos == 0) caches.insert_or_assign(h.sample_id, chunk.new_cache());
-        auto cache = caches.find(h.sample_id);
-        if (cache == caches.end())
-          throw ProtocolError("Activations frame for sample " + std::to_string(h.sample_id) + " at position " +
-                              std::to_string(h.start_pos) + ", but this node holds no cache for it");
-        LayerHook hook;
-        if (probes)
-          hook = probes->hook(h.sample_id, h.start_pos, [&](uint32_t sample, int64_t layer, int64_t pos, torch::Tensor rows) {
-            captures.push_back(capture_frame(sample, layer, pos, rows));
-          });
-        auto hidden = chunk.forward(activations_tensor(*frame, chunk.config().dim, chunk.dtype()), cache->second, h.start_pos, true, hook);
-        Frame out = activations_frame(h.sample_id, h.start_pos, hidden);
+        std::vector<BatchSegment> segments;
+        std::vector<torch::Tensor> inputs;
+        std::vector<SequenceSpan> spans;
+        for (const Frame& f : batch) {
+          auto in = activation_rows(f, dim, chunk.dtype(), max_seq_len);
+          inputs.push_back(in.rows);
+          for (const BatchSegment& seg : in.segments) {
+            if (seg.start_pos == 0) caches.insert_or_assign(seg.sample_id, chunk.new_cache());
+            auto cache = caches.find(seg.sample_id);
+            if (cache == caches.end())
+              throw ProtocolError("activations for sample " + std::to_string(seg.sample_id) + " at position " +
+                                  std::to_string(seg.start_pos) + ", but this node holds no cache for it");
+            LayerHook hook;
+            if (probes)
+              hook = probes->hook(seg.sample_id, seg.start_pos, [&](uint32_t sample, int64_t layer, int64_t pos, torch::Tensor rows) {
+                captures.push_back(capture_frame(sample, layer, pos, rows));
+              });
+            spans.push_back({&cache->second, seg.start_pos, seg.n_tokens, std::move(hook)});
+            segments.push_back(seg);
+          }
+        }
+        auto hidden = chunk.run_layers(inputs.size() == 1 ? inputs[0] : torch::cat(inputs), spans);
+        Frame out = activations_frame(segments, hidden);
         stats.add_compute(seconds_since(start));
         stats.frame_done();
         stats.set_live_samples(caches.size());
@@ -155,66 +216,91 @@ void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& 
 RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector<SampleProgress>& samples,
                           const TokenCallback& on_token, StageStats& stats, const RingGenerationOptions& options) {
   const std::atomic<bool> never{false};
+  const int64_t dim = chunk.config().dim, max_seq_len = chunk.config().max_seq_len;
   RunStats run;
   std::map<uint32_t, KvCache> caches;
-  std::deque<size_t> waiting;  // samples with input ready, beyond the in-flight cap
-  size_t in_flight = 0;
+  std::deque<size_t> ready;  // samples whose next step waits to be sent, in the order they became ready
+  // A secondary may merge frames, so frames do not come back one for one. A sent frame
+  // counts against max_in_flight until every sample it carried is back.
+  std::map<uint32_t, uint64_t> frame_of_sample;  // samples in flight → the sent frame that carried them
+  std::map<uint64_t, size_t> samples_out;        // sent frames in flight → their samples not back yet
+  uint64_t frames_sent = 0;
 
-  auto send_step = [&](SampleProgress& s) {
-    const auto start = clock::now();
-    const auto id = static_cast<uint32_t>(s.index());
-    const auto pos = static_cast<uint32_t>(s.pending_pos());
-    if (pos == 0) caches.insert_or_assign(id, chunk.new_cache());
-    const LayerHook hook = options.hooks ? options.hooks(id, pos) : nullptr;
-    auto hidden = chunk.run_layers(torch::tensor(s.pending_input(), torch::kLong), caches.at(id), pos, hook);
-    s.mark_fed();
-    Frame frame = activations_frame(id, pos, hidden);
-    stats.add_compute(seconds_since(start));
-    links.to_next->send(std::move(frame), options.send_timeout);
-    ++in_flight;
-  };
-  auto send_or_wait = [&](size_t i) {
-    if (in_flight < options.max_in_flight)
-      send_step(samples[i]);
-    else
-      waiting.push_back(i);
+  // The ready samples' next steps through the starter's layers, in micro-batches, while the ring has room.
+  auto send_ready = [&] {
+    while (!ready.empty() && samples_out.size() < options.max_in_flight) {
+      std::vector<int64_t> rows;
+      for (size_t i : ready) rows.push_back(static_cast<int64_t>(samples[i].pending_input().size()));
+      const auto first_batch = pack_micro_batches(rows, options.micro_batch).front();
+      const auto start = clock::now();
+      std::vector<int64_t> input;
+      std::vector<SequenceSpan> spans;
+      std::vector<BatchSegment> segments;
+      for (size_t k = 0; k < first_batch.size(); ++k) {
+        SampleProgress& s = samples[ready[k]];
+        const auto id = static_cast<uint32_t>(s.index());
+        const auto pos = static_cast<uint32_t>(s.pending_pos());
+        const auto tokens = s.pending_input();
+        if (pos == 0) caches.insert_or_assign(id, chunk.new_cache());
+        input.insert(input.end(), tokens.begin(), tokens.end());
+        spans.push_back({&caches.at(id), pos, static_cast<int64_t>(tokens.size()), options.hooks ? options.hooks(id, pos) : nullptr});
+        segments.push_back({id, pos, static_cast<uint32_t>(tokens.size())});
+        frame_of_sample[id] = frames_sent;
+        s.mark_fed();
+      }
+      ready.erase(ready.begin(), ready.begin() + static_cast<std::ptrdiff_t>(first_batch.size()));
+      auto hidden = chunk.run_layers(torch::tensor(input, torch::kLong), spans);
+      Frame frame = activations_frame(segments, hidden);
+      stats.add_compute(seconds_since(start));
+      links.to_next->send(std::move(frame), options.send_timeout);
+      samples_out[frames_sent++] = segments.size();
+    }
   };
 
   const auto run_start = clock::now();
   for (size_t i = 0; i < samples.size(); ++i)
-    if (samples[i].running()) send_or_wait(i);
+    if (samples[i].running()) ready.push_back(i);
+  send_ready();
 
-  while (in_flight > 0) {
+  while (!frame_of_sample.empty()) {
     auto frame = next_frame(*links.from_prev, stats, never);
     const auto& h = frame->header;
     if (h.type == FrameType::SampleStop) continue;  // it went round: every node has freed that sample
     if (h.type == FrameType::Capture && options.on_capture) {
-      options.on_capture(*frame);  // not an activation: in_flight stays
+      options.on_capture(*frame);  // not an activation: nothing came back
       continue;
     }
-    if (h.type != FrameType::Activations || h.sample_id >= samples.size())
-      throw ProtocolError(std::string("unexpected ") + frame_type_name(h.type) + " frame for sample " + std::to_string(h.sample_id) +
-                          " from " + links.from_prev->peer());
-    --in_flight;
-    SampleProgress& s = samples[h.sample_id];
+    if (!carries_activations(*frame))
+      throw ProtocolError(std::string("unexpected ") + frame_type_name(h.type) + " frame from " + links.from_prev->peer());
+    auto back = activation_rows(*frame, dim, chunk.dtype(), max_seq_len);
+    for (const BatchSegment& seg : back.segments) {
+      auto sent = frame_of_sample.find(seg.sample_id);
+      if (sent == frame_of_sample.end())
+        throw ProtocolError("activations for sample " + std::to_string(seg.sample_id) + ", which is not in flight, from " +
+                            links.from_prev->peer());
+      if (--samples_out[sent->second] == 0) samples_out.erase(sent->second);
+      frame_of_sample.erase(sent);
+    }
     const auto start = clock::now();
-    auto logits = chunk.run_head(activations_tensor(*frame, chunk.config().dim, chunk.dtype())).to(torch::kCPU).contiguous();
-    const int64_t token = s.advance(logits.data_ptr<float>(), logits.size(1));
+    std::vector<SequenceSpan> spans;
+    for (const BatchSegment& seg : back.segments) spans.push_back({nullptr, seg.start_pos, seg.n_tokens, nullptr});
+    auto logits = chunk.run_head(back.rows.index_select(0, last_rows(spans)), false).to(torch::kCPU).contiguous();
+    for (size_t k = 0; k < back.segments.size(); ++k) {
+      const uint32_t id = back.segments[k].sample_id;
+      SampleProgress& s = samples[id];
+      const int64_t token = s.advance(logits[k].data_ptr<float>(), logits.size(1));
+      run.record_token(seconds_since(run_start));
+      if (on_token) on_token(s, token);
+      if (s.running()) {
+        ready.push_back(id);
+      } else {
+        caches.erase(id);
+        links.to_next->send(make_control_frame(FrameType::SampleStop, id), options.send_timeout);
+      }
+    }
     stats.add_compute(seconds_since(start));
     stats.frame_done();
-    run.record_token(seconds_since(run_start));
-    if (on_token) on_token(s, token);
-    if (s.running()) {
-      send_or_wait(h.sample_id);
-    } else {
-      caches.erase(h.sample_id);
-      links.to_next->send(make_control_frame(FrameType::SampleStop, h.sample_id), options.send_timeout);
-    }
-    while (!waiting.empty() && in_flight < options.max_in_flight) {
-      const size_t next = waiting.front();
-      waiting.pop_front();
-      send_step(samples[next]);
-    }
+    send_ready();
     stats.set_live_samples(caches.size());
   }
 

@@ -33,6 +33,16 @@ Frame activations_frame(uint32_t sample_id, uint32_t start_pos, const torch::Ten
 // Checks the frame against the model (dim, dtype) before viewing its bytes.
 torch::Tensor activations_tensor(const Frame& frame, int64_t dim, torch::ScalarType dtype);
 
+// A micro-batch's hidden states (rows, dim), the segments in row order: an Activations
+// frame when there is one segment, else an ActivationBatch.
+Frame activations_frame(const std::vector<BatchSegment>& segments, const torch::Tensor& rows);
+struct ActivationRows {
+  std::vector<BatchSegment> segments;
+  torch::Tensor rows;  // (tokens, dim), viewing the frame's payload
+};
+// Either kind of frame, checked against the model: dim, dtype, and positions below max_seq_len.
+ActivationRows activation_rows(const Frame& frame, int64_t dim, torch::ScalarType dtype, int64_t max_seq_len);
+
 // Captured rows (rows, dim) as a Capture frame: header layer = global layer
 // (kEmbedWireLayer for the embedding), start_pos = position of the first row,
 // n_tokens = rows. And back, checked against the model (dim, dtype).
@@ -61,8 +71,10 @@ class StageStats {
   size_t live_samples_ = 0;
 };
 
-// A secondary's loop: runs its layers on every Activations frame and passes the
-// result on, until a RunStop has passed through (returns) or `cancel` is set
+// A secondary's loop: runs its layers on every Activations or ActivationBatch frame
+// and passes the result on. Activations queued behind a frame join its batch (up to
+// kBatchInvariantRows rows), so a node that falls behind reads its weights once for
+// all of them. It goes on until a RunStop has passed through (returns) or `cancel` is set
 // (returns). With `probes`, its interventions apply and its captures go out as
 // Capture frames; Capture frames from earlier nodes pass through. Throws
 // LinkError naming the peer when a link fails, and ProtocolError on a frame
@@ -72,6 +84,9 @@ void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& 
 
 struct RingGenerationOptions {
   size_t max_in_flight = 16;  // frames in the ring at once: stays below what its queues hold, so sends never deadlock
+  // Samples per frame (micro-batch): samples ready together travel as one frame of at
+  // most this many, and at most kBatchInvariantRows rows.
+  size_t micro_batch = 1;
   std::chrono::milliseconds send_timeout{10'000};
   std::chrono::milliseconds drain_timeout{10'000};  // for the RunStop to come back around
   HookFactory hooks;  // the starter's own layers (embedding included): interventions, capture
@@ -80,7 +95,8 @@ struct RingGenerationOptions {
 };
 
 // The starter's side of a run: every sample to its stop, then a RunStop around
-// the ring. `chunk` holds the embedding, the starter's layers and the head.
+// the ring. Each frame that comes back goes through the head and the samplers, and
+// its samples' next steps go out as soon as they are sampled, in micro-batches. `chunk` holds the embedding, the starter's layers and the head.
 // Throws LinkError naming the node when the ring breaks.
 RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector<SampleProgress>& samples,
                           const TokenCallback& on_token, StageStats& stats, const RingGenerationOptions& options);

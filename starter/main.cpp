@@ -33,6 +33,7 @@ struct StarterOptions {
   std::string nodes_config;
   std::string prompt = "";
   int64_t n_samples = 1;
+  int64_t micro_batch = 0;  // samples per ring frame; 0: n_samples / n_nodes, rounded up
   int64_t n_tokens = 300;
   int64_t block_size = 0;
   std::string device = "cpu";
@@ -255,6 +256,8 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
     TextPrinter printer(*tokenizer, samples.size());
     mdi::StageStats starter_stats;
     mdi::RingGenerationOptions ring_options;
+    ring_options.micro_batch = static_cast<size_t>(opt.micro_batch > 0 ? opt.micro_batch : (opt.n_samples + n_nodes - 1) / n_nodes);
+    spdlog::info("micro-batches of up to {} samples per frame", ring_options.micro_batch);
     ring_options.send_timeout = nodes.timeouts.receive;
     ring_options.drain_timeout = nodes.timeouts.receive;
     ring_options.hooks = probing.hooks(chunk);
@@ -338,6 +341,11 @@ int main(int argc, char** argv) {
   app.add_option("--nodes-config", opt.nodes_config, "MDI-LLM nodes-config JSON; absent or \"secondary\": [] runs standalone");
   app.add_option("--prompt", opt.prompt, "Prompt text, or FILE:path with one prompt per paragraph (samples cycle over them)");
   app.add_option("--n-samples", opt.n_samples, "Samples generated concurrently")->check(CLI::PositiveNumber);
+  app.add_option("--micro-batch", opt.micro_batch,
+                 "Ring: samples that travel together in one frame, every node computing them in one pass (weights read\n"
+                 "once). 0: n-samples / nodes, rounded up, so each node has a batch to work on. Standalone runs batch every\n"
+                 "running sample. Batches stop at 32 rows, so a sample's numbers never depend on its batch")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--n-tokens", opt.n_tokens, "New tokens per sample (a stop token ends a sample earlier)")->check(CLI::NonNegativeNumber);
   app.add_option("--block-size,--sequence-length,--context-length", opt.block_size,
                  "Context length cap (default: the model's)")->check(CLI::NonNegativeNumber);

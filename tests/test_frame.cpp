@@ -35,6 +35,7 @@ void expect_same(const FrameHeader& a, const FrameHeader& b) {
   EXPECT_EQ(a.dtype, b.dtype);
   EXPECT_EQ(a.ndim, b.ndim);
   EXPECT_EQ(a.shape, b.shape);
+  EXPECT_EQ(a.segments, b.segments);
   EXPECT_EQ(a.payload_bytes, b.payload_bytes);
 }
 
@@ -47,6 +48,9 @@ TEST(Frame, EveryTypeRoundTrips) {
       frame = make_control_frame(type, 42);
     } else if (type == FrameType::Hello) {
       frame = make_hello_frame({2, 3, 99});
+    } else if (type == FrameType::ActivationBatch) {
+      const float rows[3 * 2] = {1, 2, 3, 4, 5, 6};
+      frame = make_activation_batch_frame({{4, 0, 2}, {9, 17, 1}}, WireDType::F32, 2, rows, sizeof rows);
     } else {
       const int64_t values[3] = {-1, 0, 1};
       frame = make_tensor_frame(type, 5, 9, WireDType::I64, {1, 3}, values, sizeof values);
@@ -63,7 +67,7 @@ TEST(Frame, HeaderIsLittleEndianFieldByField) {
   uint8_t bytes[kFrameHeaderBytes];
   encode_header(activations_header(), bytes);
   EXPECT_EQ(std::string(reinterpret_cast<const char*>(bytes), 4), "MDIF");
-  EXPECT_EQ(bytes[4], 1);    // version
+  EXPECT_EQ(bytes[4], 2);    // version
   EXPECT_EQ(bytes[6], 2);    // type Activations
   EXPECT_EQ(bytes[11], 2);   // ndim
   EXPECT_EQ(bytes[12], 7);   // sample_id
@@ -137,13 +141,13 @@ TEST(FrameValidation, WrongMagic) {
 }
 
 TEST(FrameValidation, NewerVersionNamesBothVersions) {
-  const std::string error = decode_error([](uint8_t* b) { b[4] = 2; });
-  EXPECT_THAT(error, HasSubstr("version is 2"));
-  EXPECT_THAT(error, HasSubstr("protocol version 1"));
+  const std::string error = decode_error([](uint8_t* b) { b[4] = 3; });
+  EXPECT_THAT(error, HasSubstr("version is 3"));
+  EXPECT_THAT(error, HasSubstr("protocol version 2"));
 }
 
 TEST(FrameValidation, UnknownType) {
-  EXPECT_THAT(decode_error([](uint8_t* b) { b[6] = 10; }), HasSubstr("type 10 is unknown"));
+  EXPECT_THAT(decode_error([](uint8_t* b) { b[6] = 11; }), HasSubstr("type 11 is unknown"));
   EXPECT_THAT(decode_error([](uint8_t* b) { b[6] = 0; }), HasSubstr("type 0 is unknown"));
 }
 
@@ -180,8 +184,8 @@ TEST(FrameValidation, OverflowingShapeProduct) {
   EXPECT_THAT(error, HasSubstr("overflows"));
 }
 
-TEST(FrameValidation, NonzeroReserved) {
-  EXPECT_THAT(decode_error([](uint8_t* b) { b[45] = 1; }), HasSubstr("reserved"));
+TEST(FrameValidation, SegmentsOnlyInActivationBatches) {
+  EXPECT_THAT(decode_error([](uint8_t* b) { b[45] = 1; }), HasSubstr("only ActivationBatch frames have segments"));
 }
 
 TEST(FrameValidation, TokensOverLimit) {
@@ -201,6 +205,61 @@ TEST(FrameValidation, ControlFramesCarryNoPayload) {
     put32(b + 32, 0);
   });
   EXPECT_THAT(no_tensor_error, HasSubstr("payload_bytes 24 must be 0"));
+}
+
+// An ActivationBatch of two samples (3 and 1 tokens, dim 2), encoded and decoded as a
+// receiver sees it, after `damage` to its header bytes and `damage_payload` to its payload.
+std::string batch_error(const std::function<void(uint8_t*)>& damage, const std::function<void(std::vector<uint8_t>&)>& damage_payload,
+                        FrameLimits limits = {}) {
+  const float rows[4 * 2] = {1, 2, 3, 4, 5, 6, 7, 8};
+  Frame frame = make_activation_batch_frame({{4, 0, 3}, {9, 17, 1}}, WireDType::F32, 2, rows, sizeof rows);
+  uint8_t bytes[kFrameHeaderBytes];
+  encode_header(frame.header, bytes);
+  damage(bytes);
+  damage_payload(frame.payload);
+  try {
+    frame.header = decode_header(bytes, limits);
+    decode_batch_segments(frame, limits);
+    return "";
+  } catch (const ProtocolError& e) {
+    return e.what();
+  }
+}
+void untouched(uint8_t*) {}
+void untouched_payload(std::vector<uint8_t>&) {}
+
+TEST(ActivationBatch, SegmentsAndRowsRoundTrip) {
+  const float rows[4 * 2] = {1, 2, 3, 4, 5, 6, 7, 8};
+  Frame frame = make_activation_batch_frame({{4, 0, 3}, {9, 17, 1}}, WireDType::F32, 2, rows, sizeof rows);
+  uint8_t bytes[kFrameHeaderBytes];
+  encode_header(frame.header, bytes);
+  const FrameHeader h = decode_header(bytes, {});
+  EXPECT_EQ(h.segments, 2u);
+  EXPECT_EQ(h.n_tokens, 4u);
+  EXPECT_EQ(h.payload_bytes, 2 * kBatchSegmentBytes + sizeof rows);
+  EXPECT_EQ(decode_batch_segments(frame, {}), (std::vector<BatchSegment>{{4, 0, 3}, {9, 17, 1}}));
+  EXPECT_EQ(std::memcmp(frame.payload.data() + batch_rows_offset(h), rows, sizeof rows), 0);
+  EXPECT_EQ(batch_error(untouched, untouched_payload), "");
+}
+
+TEST(ActivationBatch, HeaderChecks) {
+  // more segments than tokens; a segment table that does not fit the payload size; not 2-D
+  EXPECT_THAT(batch_error([](uint8_t* b) { put32(b + 44, 5); }, untouched_payload), HasSubstr("1..n_tokens segments"));
+  EXPECT_THAT(batch_error([](uint8_t* b) { put32(b + 44, 3); }, untouched_payload), HasSubstr("segment table"));
+  EXPECT_THAT(batch_error([](uint8_t* b) { b[11] = 1, put32(b + 32, 0); }, untouched_payload), HasSubstr("n_tokens segments"));
+  EXPECT_THAT(batch_error([](uint8_t* b) { put32(b + 44, 0); }, untouched_payload), HasSubstr("segments 0"));
+}
+
+TEST(ActivationBatch, SegmentTableChecks) {
+  auto entry = [](std::vector<uint8_t>& p, size_t i, size_t field, uint32_t value) { put32(p.data() + 16 * i + 4 * field, value); };
+  EXPECT_THAT(batch_error(untouched, [&](auto& p) { entry(p, 1, 0, 4); }), HasSubstr("two segments of sample 4"));
+  EXPECT_THAT(batch_error(untouched, [&](auto& p) { entry(p, 1, 2, 0); }), HasSubstr("1 or more positions"));
+  EXPECT_THAT(batch_error(untouched, [&](auto& p) { entry(p, 1, 2, 2); }), HasSubstr("hold 5 tokens, the header says 4"));
+  EXPECT_THAT(batch_error(untouched, [&](auto& p) { entry(p, 0, 3, 1); }), HasSubstr("bytes 12..15 must be zero"));
+  FrameLimits limits;
+  limits.max_tokens = 17;  // sample 9 sits at position 17
+  EXPECT_THAT(batch_error(untouched, untouched_payload, limits), HasSubstr("start_pos 17 and n_tokens 1"));
+  EXPECT_THAT(batch_error(untouched, [&](auto& p) { entry(p, 1, 1, 0xFFFFFFFFu); }), HasSubstr("start_pos 4294967295"));
 }
 
 TEST(FrameValidation, HelloMustHoldAHelloInfo) {

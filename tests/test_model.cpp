@@ -5,6 +5,9 @@
 
 #include <fstream>
 
+#include <gmock/gmock.h>
+#include <nlohmann/json.hpp>
+
 #include "common/checkpoint.hpp"
 #include "common/model.hpp"
 #include "tests/support.hpp"
@@ -169,6 +172,72 @@ TEST(Model, ChunksChainedThroughHiddenStatesEqualTheWholeModel) {
   EXPECT_EQ(hidden.sizes(), (std::vector<int64_t>{int64_t(kTokens.size()), 32}));
   auto logits = last.forward(hidden, c2, 0, false);
   EXPECT_TRUE(torch::equal(logits, expected));
+}
+
+// A micro-batch of a prompt and two decode steps, each sample at its own position with
+// its own cache, gives every sample bit for bit what it gets alone; a hook that replaces
+// one sample's rows changes that sample only.
+TEST(Model, MicroBatchGivesEachSampleWhatItGetsAlone) {
+  mdi::test::ScratchDir dir;
+  write_llama2c(random_raw_model(8, 2, false, 9), dir / "m.bin");
+  auto model = load_whole(*mdi::open_llama2c(dir / "m.bin", std::nullopt));
+  const std::vector<int64_t> history_b = {1, 5, 9}, history_c = {1, 7, 3, 8, 2};
+  const std::vector<int64_t> prompt_a = {1, 4, 4, 2}, next_b = {6}, next_c = {11};
+  auto prefilled = [&](const std::vector<int64_t>& history) {
+    auto cache = model.new_cache();
+    model.forward(torch::tensor(history), cache, 0);
+    return cache;
+  };
+  // replaces its rows (as an intervention does) after layer 0
+  mdi::LayerHook steer = [](int64_t layer, torch::Tensor& hidden) {
+    if (layer == 0) hidden = hidden + 0.5f;
+  };
+
+  auto alone_a = model.new_cache(), alone_b = prefilled(history_b), alone_c = prefilled(history_c);
+  auto expect_a = model.forward(torch::tensor(prompt_a), alone_a, 0, true);
+  auto expect_b = model.forward(torch::tensor(next_b), alone_b, 3, true, steer);
+  auto expect_c = model.forward(torch::tensor(next_c), alone_c, 5, true);
+
+  auto cache_a = model.new_cache(), cache_b = prefilled(history_b), cache_c = prefilled(history_c);
+  std::vector<int64_t> input = prompt_a;
+  input.insert(input.end(), {next_b[0], next_c[0]});
+  auto logits = model.forward(torch::tensor(input), {{&cache_a, 0, 4, nullptr}, {&cache_b, 3, 1, steer}, {&cache_c, 5, 1, nullptr}});
+  ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{3, model.config().vocab_size}));
+  EXPECT_TRUE(torch::equal(logits[0], expect_a[0]));
+  EXPECT_TRUE(torch::equal(logits[1], expect_b[0]));
+  EXPECT_TRUE(torch::equal(logits[2], expect_c[0]));
+  auto unsteered_cache = prefilled(history_b);
+  EXPECT_FALSE(torch::equal(logits[1], model.forward(torch::tensor(next_b), unsteered_cache, 3)[0]));
+}
+
+TEST(Model, MicroBatchesPackInOrderWithinTheRowCap) {
+  using Batches = std::vector<std::vector<size_t>>;
+  EXPECT_EQ(mdi::pack_micro_batches({1, 1, 1, 1, 1}, 2), (Batches{{0, 1}, {2, 3}, {4}}));
+  EXPECT_EQ(mdi::pack_micro_batches({20, 10, 5, 40, 1}, 8), (Batches{{0, 1}, {2}, {3}, {4}}));
+  EXPECT_EQ(mdi::pack_micro_batches({1, 1}, 0), (Batches{{0}, {1}}));
+  EXPECT_EQ(mdi::pack_micro_batches({}, 4), Batches{});
+}
+
+TEST(ModelConfig, FieldsOfTheWrongTypeAreNamed) {
+  const nlohmann::json base = {{"hidden_size", 64}, {"intermediate_size", 128}, {"num_hidden_layers", 2},
+                               {"num_attention_heads", 4}, {"vocab_size", 32}, {"max_position_embeddings", 64}};
+  auto error_of = [&](const nlohmann::json& patch) {
+    auto j = base;
+    j.merge_patch(patch);
+    try {
+      mdi::ModelConfig::from_hf_json(j, "m/config.json");
+      return std::string();
+    } catch (const mdi::ConfigError& e) {
+      return std::string(e.what());
+    }
+  };
+  EXPECT_EQ(error_of(nlohmann::json::object()), "");
+  EXPECT_EQ(error_of({{"rms_norm_eps", "1e-5"}}), "m/config.json: field \"rms_norm_eps\" must be a number");
+  EXPECT_EQ(error_of({{"tie_word_embeddings", 1}}), "m/config.json: field \"tie_word_embeddings\" must be true or false");
+  EXPECT_EQ(error_of({{"rope_scaling", {{"rope_type", "llama3"}, {"factor", "8"}}}}),
+            "m/config.json: rope_scaling: field \"factor\" must be a number");
+  EXPECT_THAT(error_of({{"rope_scaling", {{"rope_type", "llama3"}, {"high_freq_factor", 1.0}}}}),
+              ::testing::HasSubstr("low_freq_factor < high_freq_factor"));
 }
 
 TEST(Model, PassingTheContextLengthIsAClearError) {
