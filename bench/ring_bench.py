@@ -192,19 +192,23 @@ def main():
             n_tokens = args.n_tokens or (200 if model == "stories260K" else 24)
             networks = [("loopback", None)] + [(f"netns {r}", r) for r in rates]
             for net, rate in networks:
-                configs = [(1, 1), (1, 8)] + [(n, s) for n in (2, 3) for s in sorted({1, n, 2 * n, 8})]
-                for n_nodes, n_samples in configs:
+                # (nodes, samples, micro-batch); 8 samples also as one batch of 8
+                configs = [(1, 1, args.micro_batch), (1, 8, args.micro_batch)]
+                for n in (2, 3):
+                    configs += [(n, s, args.micro_batch) for s in sorted({1, n, 2 * n, 8})] + [(n, 8, 8)]
+                for n_nodes, n_samples, micro_batch in configs:
                     if rate and n_nodes == 1:
                         continue
                     threads = args.threads or max(1, (os.cpu_count() or 1) // n_nodes)
                     if rate:
                         with Netns(n_nodes, rate) as ns:
-                            result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, args.micro_batch, work, ns)
+                            result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, micro_batch, work, ns)
                     else:
-                        result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, args.micro_batch, work)
-                    row = summarize(model, net, n_nodes, n_samples, args.micro_batch, result)
+                        result = run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, micro_batch, work)
+                    row = summarize(model, net, n_nodes, n_samples, micro_batch, result)
                     rows.append(row)
-                    print(f"{model} {net} {n_nodes} nodes {n_samples} samples: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+                    print(f"{model} {net} {n_nodes} nodes {n_samples} samples in batches of {row['micro_batch']}: {row['tokens_per_s']:.1f} tok/s",
+                          file=sys.stderr)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     lines = [f"Ring benchmark on {machine}, {time.strftime('%Y-%m-%d')}. Greedy, prompt \"Once upon a time\".", "",
              "| model | network | nodes | samples | micro-batch | tokens | tokens/s | ms/token | queue+transfer ms/hop | bytes/token on the wire | per node, per frame |",
@@ -213,11 +217,11 @@ def main():
         lines.append(f"| {r['model']} | {r['network']} | {r['nodes']} | {r['samples']} | {r['micro_batch']} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
                      f"{r['ms_per_token']:.2f} | {r['transfer_ms_per_hop']:.3f} | {r['bytes_per_token']:.0f} | {r['per_node']} |")
     lines += ["", "Aggregate tokens/s with 8 samples against 1 sample, same model, network and nodes:", "",
-              "| model | network | nodes | 1 sample tok/s | 8 samples tok/s | ratio |", "|---|---|---|---|---|---|"]
+              "| model | network | nodes | micro-batch | 1 sample tok/s | 8 samples tok/s | ratio |", "|---|---|---|---|---|---|---|"]
     for r8 in rows:
         r1 = next((r for r in rows if r["samples"] == 1 and all(r[k] == r8[k] for k in ("model", "network", "nodes"))), None)
         if r8["samples"] == 8 and r1 and r1["tokens_per_s"]:
-            lines.append(f"| {r8['model']} | {r8['network']} | {r8['nodes']} | {r1['tokens_per_s']:.1f} | {r8['tokens_per_s']:.1f} | "
+            lines.append(f"| {r8['model']} | {r8['network']} | {r8['nodes']} | {r8['micro_batch']} | {r1['tokens_per_s']:.1f} | {r8['tokens_per_s']:.1f} | "
                          f"{r8['tokens_per_s'] / r1['tokens_per_s']:.2f}x |")
     table = "\n".join(lines) + "\n"
     print(table)
