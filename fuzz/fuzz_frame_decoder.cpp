@@ -3,7 +3,8 @@
 // header, the rest is what arrived after it. Checks that the decoder throws only
 // ProtocolError, that whatever it accepts obeys every documented rule (so no
 // allocation can be sized from an unchecked field), that an accepted header
-// re-encodes to the same bytes, and the Hello payload rules.
+// re-encodes to the same bytes, the Hello payload rules, and the ActivationBatch
+// segment table (decode_batch_segments) on whatever follows a batch header.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -47,7 +48,13 @@ void check_accepted(const mdi::FrameHeader& h, const uint8_t* raw, const mdi::Fr
     else
       check(h.shape[d] == 0, "accepted a non-zero unused shape entry");
   }
-  check(bytes == h.payload_bytes, "accepted payload_bytes that do not match the shape");
+  const bool batch = h.type == mdi::FrameType::ActivationBatch;
+  check(batch || h.segments == 0, "accepted segments outside an ActivationBatch");
+  if (batch)
+    check(h.ndim == 2 && h.segments >= 1 && h.segments <= h.n_tokens && h.shape[0] == h.n_tokens,
+          "accepted an ActivationBatch whose segments or shape break the rules");
+  bytes += uint64_t{mdi::kBatchSegmentBytes} * h.segments;
+  check(bytes == h.payload_bytes, "accepted payload_bytes that do not match the segment table and the shape");
   if (is_control(h.type)) check(h.ndim == 0, "accepted a control frame with a payload");
   if (h.type == mdi::FrameType::Hello)
     check(h.dtype == mdi::WireDType::U8 && h.payload_bytes == mdi::kHelloPayloadBytes, "accepted a malformed Hello");
@@ -100,6 +107,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (rest_size < h.payload_bytes) return 0;  // truncated payload: the receiver's read times out
   frame.payload.resize(h.payload_bytes);
   if (h.payload_bytes != 0) std::memcpy(frame.payload.data(), rest, h.payload_bytes);
+
+  if (h.type == mdi::FrameType::ActivationBatch) {
+    try {
+      const auto segments = mdi::decode_batch_segments(frame, kTight);
+      uint64_t rows = 0;
+      for (const auto& s : segments) {
+        check(s.n_tokens >= 1 && uint64_t{s.start_pos} + s.n_tokens <= kTight.max_tokens, "accepted a segment out of limits");
+        rows += s.n_tokens;
+        check(std::count_if(segments.begin(), segments.end(), [&](const auto& o) { return o.sample_id == s.sample_id; }) == 1,
+              "accepted a sample twice in one batch");
+      }
+      check(rows == h.n_tokens && segments.size() == h.segments, "accepted segments that do not add up to the header");
+      const size_t offset = mdi::batch_rows_offset(h);
+      const mdi::Frame again = mdi::make_activation_batch_frame(segments, h.dtype, h.shape[1], frame.payload.data() + offset,
+                                                                frame.payload.size() - offset);
+      check(again.payload == frame.payload, "a decoded ActivationBatch does not re-encode to its payload");
+    } catch (const mdi::ProtocolError&) {
+    }
+  }
 
   if (h.type == mdi::FrameType::Hello) {
     mdi::HelloInfo hello;
