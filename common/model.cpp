@@ -359,6 +359,23 @@ KvCache ModelChunk::new_cache() const {
   return KvCache(spec_.layers.size(), config_.n_kv_heads, config_.head_dim(), config_.max_seq_len, device_, act_dtype_);
 }
 
+void ModelChunk::enable_training() {
+  if (training_) return;
+  // Copies made outside InferenceMode are tensors autograd may record; a tied head stays the embedding.
+  const bool tied = weights_.lm_head.defined() && weights_.lm_head.is_same(weights_.embedding);
+  auto own = [](torch::Tensor& t) {
+    if (t.defined()) t = t.clone();
+  };
+  own(weights_.embedding);
+  for (auto& w : weights_.layers) own(w.attn_norm), own(w.wqkv), own(w.wo), own(w.ffn_norm), own(w.w_gate_up), own(w.w_down);
+  own(weights_.final_norm);
+  if (tied) weights_.lm_head = weights_.embedding;
+  else own(weights_.lm_head);
+  own(rope_cos_), own(rope_sin_);
+  cpu_kernels_ = false;
+  training_ = true;
+}
+
 int64_t ModelChunk::parameter_bytes() const {
   int64_t bytes = 0;
   auto add = [&](const torch::Tensor& t) {
@@ -512,7 +529,7 @@ torch::Tensor ModelChunk::swiglu(const torch::Tensor& gate_up) const {
 }
 
 torch::Tensor ModelChunk::residual_stream(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const {
-  c10::InferenceMode inference;
+  c10::InferenceMode inference(!training_);
   int64_t rows = 0;
   for (const SequenceSpan& span : spans) {
     if (span.start_pos < 0 || span.start_pos + span.n_tokens > config_.max_seq_len)
@@ -566,7 +583,7 @@ void ModelChunk::apply_hooks(int64_t layer, torch::Tensor& x, const std::vector<
 
 torch::Tensor ModelChunk::run_layers(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const {
   torch::Tensor x = residual_stream(input, spans);
-  c10::InferenceMode inference;
+  c10::InferenceMode inference(!training_);
   return x.scalar_type() == dtype_ ? x : x.to(dtype_);
 }
 
@@ -575,7 +592,7 @@ torch::Tensor ModelChunk::run_layers(const torch::Tensor& input, KvCache& cache,
 }
 
 torch::Tensor ModelChunk::run_head(const torch::Tensor& hidden, bool last_only) const {
-  c10::InferenceMode inference;
+  c10::InferenceMode inference(!training_);
   torch::Tensor x = activations(hidden);
   if (last_only && x.size(0) > 1) x = x.narrow(0, x.size(0) - 1, 1).contiguous();
   auto logits = project(rms_norm(x, weights_.final_norm), weights_.lm_head);
@@ -586,7 +603,7 @@ torch::Tensor ModelChunk::forward(const torch::Tensor& input, const std::vector<
   if (!spec_.head) return run_layers(input, spans);
   // the residual stream goes to the head as it is, not through the chunk boundary's dtype
   torch::Tensor x = residual_stream(input, spans);
-  c10::InferenceMode inference;
+  c10::InferenceMode inference(!training_);
   return run_head(x.index_select(0, last_rows(spans).to(x.device())), false);
 }
 

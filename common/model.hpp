@@ -126,6 +126,12 @@ class ModelChunk {
 
   KvCache new_cache() const;
 
+  // Training mode: every step takes the ATen path, outside InferenceMode, so autograd
+  // records the same forward that inference runs. The weights become ordinary tensors
+  // (load_chunk makes inference tensors) that a trainer may mark to require gradients
+  // and update in place. One way: load the chunk again for inference.
+  void enable_training();
+
   const ModelConfig& config() const { return config_; }
   const ChunkSpec& spec() const { return spec_; }
   torch::Device device() const { return device_; }
@@ -158,7 +164,8 @@ class ModelChunk {
   ChunkWeights weights_;
   torch::Device device_;
   torch::ScalarType dtype_, act_dtype_;
-  bool cpu_kernels_;                   // device is the CPU: the fused kernels run
+  bool cpu_kernels_;                   // device is the CPU and not training: the fused kernels run
+  bool training_ = false;
   torch::Tensor rope_cos_, rope_sin_;  // (max_seq_len, head_dim / 2), float32
 };
 
