@@ -127,6 +127,7 @@ HttpResponse SecondaryNode::init(const HttpRequest& http) {
     std::lock_guard lock(mutex_);
     state_ = State::ready;
     stats_ = std::make_shared<StageStats>();
+    training_status_ = request.training ? std::make_shared<SecondaryTrainingStatus>() : nullptr;
     cancel_ = false;
   }
   ring_thread_ = std::thread([this, request] { run_ring(request); });
@@ -154,13 +155,21 @@ void SecondaryNode::run_ring(InitRequest request) {
       links_ = nullptr;
     };
     try {
-      std::optional<LayerProbes> probes;
-      if (!request.interpretability.empty()) {
-        probes.emplace(request.interpretability, *chunk_);
-        spdlog::info("capturing {} layers, {} interventions", request.interpretability.capture.layers.size(),
-                     request.interpretability.interventions.size());
+      if (request.training) {
+        spdlog::info("training layers [{}, {}): {}, {} micro-batches, steps {}..{}", request.layer_begin, request.layer_end,
+                     schedule_name(request.training->schedule), request.training->micro_batches, request.training->first_step,
+                     request.training->steps);
+        run_secondary_training(*chunk_, links, *request.training, ring_index, request.nodes.n_nodes(), *training_status_, cancel_,
+                               request.nodes.timeouts.receive);
+      } else {
+        std::optional<LayerProbes> probes;
+        if (!request.interpretability.empty()) {
+          probes.emplace(request.interpretability, *chunk_);
+          spdlog::info("capturing {} layers, {} interventions", request.interpretability.capture.layers.size(),
+                       request.interpretability.interventions.size());
+        }
+        run_secondary_stage(*chunk_, links, *stats_, cancel_, request.nodes.timeouts.receive, probes ? &*probes : nullptr);
       }
-      run_secondary_stage(*chunk_, links, *stats_, cancel_, request.nodes.timeouts.receive, probes ? &*probes : nullptr);
     } catch (...) {
       detach_links();
       throw;
@@ -172,6 +181,8 @@ void SecondaryNode::run_ring(InitRequest request) {
     last_error_ = e.what();
   }
   std::lock_guard lock(mutex_);
+  // trained weights moved away from the chunk file: the next run loads the file again
+  if (request.training) chunk_key_.clear();
   state_ = State::idle;
   spdlog::info("run {} over; idle", request.run_id);
 }
@@ -195,6 +206,7 @@ HttpResponse SecondaryNode::status(const HttpRequest&) const {
     j["memory_bytes"] = chunk_->parameter_bytes();
   }
   if (stats_) j["stage"] = stats_->to_json();
+  if (training_status_) j["training"] = training_status_->to_json();
   const auto link_stats = links_ ? std::make_optional(std::make_pair(links_->from_prev->stats(), links_->to_next->stats())) : last_link_stats_;
   if (link_stats) {
     const auto& [in, out] = *link_stats;

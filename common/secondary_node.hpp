@@ -19,6 +19,7 @@
 #include "common/init_request.hpp"
 #include "common/model.hpp"
 #include "common/ring.hpp"
+#include "common/training_pipeline.hpp"
 
 namespace mdi {
 
@@ -65,6 +66,7 @@ class SecondaryNode {
   std::string chunk_sha256_;  // of the loaded chunk, to reuse it across runs
   std::string chunk_key_;     // sha256 + layers + device + dtype of the loaded chunk
   std::shared_ptr<StageStats> stats_;
+  std::shared_ptr<SecondaryTrainingStatus> training_status_;  // of a training run
   RingLinks* links_ = nullptr;  // while running, for /status
   std::optional<std::pair<LinkStats, LinkStats>> last_link_stats_;  // in, out of the last run
   std::thread ring_thread_;

@@ -39,6 +39,7 @@ void Cluster::init_one(size_t i, const ChunkManifest& manifest, const fs::path& 
   request.chunk_sha256 = entry.sha256;
   request.chunk_path = settings.upload_chunks ? "" : chunk_file.string();
   request.interpretability = settings.interpretability.for_layers(entry.layer_begin, entry.layer_end);
+  if (!settings.training.empty()) request.training = settings.training.at(i);
   const nlohmann::json body = request.to_json();
 
   auto upload = [&] {

@@ -5,12 +5,14 @@
 #include <filesystem>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "common/interpretability.hpp"
 #include "common/nodes_config.hpp"
 #include "common/partition.hpp"
+#include "common/training_plan.hpp"
 
 namespace mdi {
 
@@ -25,6 +27,7 @@ struct RunSettings {
   int64_t max_seq_len = 0;
   bool upload_chunks = false;  // push every chunk over HTTP even if the node may have it on disk
   InterpretabilityPlan interpretability;  // the whole run's; each secondary gets the part for its layers
+  std::vector<TrainingPlan> training;     // a training run: secondary i's plan; empty for inference
 };
 
 class Cluster {
