@@ -24,6 +24,7 @@
 #include "common/sample_progress.hpp"
 #include "common/tokenizer.hpp"
 #include "common/torch_runtime.hpp"
+#include "starter/train_command.hpp"
 
 namespace {
 
@@ -385,12 +386,14 @@ int main(int argc, char** argv) {
   steer_cmd->add_option("--layer", steer.layer, "Layer number, or embed")->required();
   steer_cmd->add_option("--out", steer.out, "Output safetensors file")->required();
   steer_cmd->add_option("--name", steer.name, "Tensor name in the output");
+  TrainCommands train_commands(app);
   CLI11_PARSE(app, argc, argv);
   opt.device_given = device->count() > 0;
 
   mdi::setup_logging(opt.verbosity, "starter");
   try {
     if (steer_cmd->parsed()) return run_steering_vector(steer);
+    if (auto code = train_commands.run()) return *code;
     if (opt.ckpt.empty()) return app.exit(CLI::RequiredError("--ckpt"));
     return run(opt);
   } catch (const std::exception& e) {

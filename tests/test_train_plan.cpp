@@ -1,5 +1,6 @@
 // The rules of fine-tuning without tensors: schedules, --train-layers, the
 // learning rate, clipping, data packing and the /init "training" field.
+#include <array>
 #include <deque>
 #include <fstream>
 #include <set>
@@ -7,6 +8,7 @@
 #include <gmock/gmock.h>
 
 #include "common/init_request.hpp"
+#include "common/loss_plot.hpp"
 #include "common/tokenizer.hpp"
 #include "common/training_data.hpp"
 #include "common/training_plan.hpp"
@@ -219,6 +221,31 @@ TEST(InitTraining, TheTrainingFieldRoundTripsAndEveryBadValueIsNamed) {
   refused([](auto& b) { b["training"]["resume"]["file"] = "x.safetensors"; }, "\"file\" and \"sha256\" come together");
   refused([](auto& b) { b["dtype"] = "bfloat16"; }, "training runs in float32");
   refused([](auto& b) { b["training"] = 3; }, "training must be an object");
+}
+
+// The RGB of pixel (x, y) of loss_curve_png()'s image: its scanlines sit in stored deflate
+// blocks of 65535 bytes, each behind a 5-byte header, after the zlib header.
+std::array<uint8_t, 3> plot_pixel(const std::string& png, int x, int y) {
+  const size_t idat_data = 8 + (12 + 13) + 8;
+  const size_t raw = static_cast<size_t>(y) * (1 + mdi::kLossPlotWidth * 3) + 1 + static_cast<size_t>(x) * 3;
+  std::array<uint8_t, 3> rgb{};
+  for (size_t i = 0; i < 3; ++i) rgb[i] = static_cast<uint8_t>(png.at(idat_data + 2 + ((raw + i) / 65535 + 1) * 5 + raw + i));
+  return rgb;
+}
+
+TEST(LossPlot, IsAPngWithTheTrainingCurveInBlueOnWhite) {
+  std::map<int64_t, double> train = {{1, 4.0}, {2, 3.0}, {3, 1.0}}, validation = {{3, 2.0}};
+  const std::string png = mdi::loss_curve_png(train, validation);
+  ASSERT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n"));
+  EXPECT_EQ(png.substr(12, 4), "IHDR");
+  EXPECT_EQ(png.substr(16, 8), std::string("\0\0\x01\xe0\0\0\x01\x40", 8));  // 480 x 320
+  const size_t raw = static_cast<size_t>(mdi::kLossPlotHeight) * (1 + mdi::kLossPlotWidth * 3);
+  const size_t blocks = (raw + 65534) / 65535;
+  EXPECT_EQ(png.size(), 8 + (12 + 13) + (12 + 2 + blocks * 5 + raw + 4) + 12);
+  // the first point, step 1 at the largest loss, is the top left corner of the plot area
+  EXPECT_EQ(plot_pixel(png, 40, 10), (std::array<uint8_t, 3>{31, 119, 180}));
+  EXPECT_EQ(plot_pixel(png, 300, 100), (std::array<uint8_t, 3>{255, 255, 255}));
+  EXPECT_EQ(plot_pixel(png, 470, 10 + 280 / 2), (std::array<uint8_t, 3>{214, 39, 40})) << "the validation loss at step 3";
 }
 
 }  // namespace
