@@ -131,7 +131,9 @@ TEST_F(Capture, HiddenStatesOfEveryLayerAreBitwiseIdenticalOnThreeNodesAndStanda
   const auto config = write_config("capture");
   auto secondaries = start_secondaries(config);
   const std::vector<std::string> ring = {"--nodes-config", config.string()};
-  auto distributed = run_starter("ring-capture", plus(greedy(), plus(ring, plus(capture_all, {"--keep-nodes", "--capture-out",
+  // Standalone runs batch their 3 samples; this ring run does too (--micro-batch 3), the next one
+  // sends them one per frame: captures do not depend on the batching.
+  auto distributed = run_starter("ring-capture", plus(greedy(), plus(ring, plus(capture_all, {"--keep-nodes", "--micro-batch", "3", "--capture-out",
                                                                                              path("ring.safetensors").string()}))));
   ASSERT_EQ(distributed.exit_code, 0) << distributed.err;
   EXPECT_EQ(tokens_of(distributed), tokens_of(plain)) << "capturing changed the tokens (3 nodes)";
