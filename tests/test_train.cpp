@@ -2,6 +2,7 @@
 // alone (the reference) and over rings of 2 and 3 nodes, checkpoints, resume,
 // gather, and the failures a user meets.
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -183,6 +184,49 @@ TEST_F(Train, OneStepOnThreeNodesEqualsTheSingleProcessStepWithGPipeAnd1F1B) {
       for (auto& s : secondaries) EXPECT_EQ(s->wait(seconds(30)), 0) << name << ": a secondary did not exit\n" << s->err();
     }
   }
+}
+
+// A tensor of a safetensors file, as float32.
+torch::Tensor tensor_of(const mdi::SafetensorsFile& file, const std::string& name) {
+  const auto& info = file.at(name);
+  return torch::from_blob(const_cast<uint8_t*>(file.data(info)), info.shape, torch::kFloat32);
+}
+
+TEST_F(Train, FrozenLayersKeepTheirWeightsAndGetNoOptimizerStateAloneAndOverTheRing) {
+  const std::vector<std::string> step = {"--steps", "2", "--batch-size", "4", "--micro-batches", "2", "--seq-len", "16", "--lr", "1e-2",
+                                         "--val-fraction", "0", "--train-layers", "2-3"};
+  auto args = step;
+  const fs::path alone = scratch_->path() / "frozen-alone";
+  args.insert(args.end(), {"--out", alone.string()});
+  auto reference = train("frozen-alone", untied_, args);
+  ASSERT_EQ(reference.exit_code, 0) << reference.err;
+
+  const auto config = write_config(3, "frozen-ring");
+  auto secondaries = start_secondaries(config, 3);
+  const fs::path ring = scratch_->path() / "frozen-ring";
+  auto ring_args = step;
+  ring_args.insert(ring_args.end(), {"--nodes-config", config.string(), "--schedule", "1f1b", "--out", ring.string()});
+  auto run = train("frozen-ring", untied_, ring_args);
+  ASSERT_EQ(run.exit_code, 0) << run.err;
+  size_t compared = 0;
+  EXPECT_LE(max_difference(stage_files(ring / "step-2", 3), alone / "step-2/starter.safetensors", compared), 1e-5);
+
+  mdi::SafetensorsFile trained(alone / "step-2/starter.safetensors"), base(untied_ / "model.safetensors");
+  for (const std::string name : {"model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight", "model.layers.4.self_attn.o_proj.weight",
+                                 "lm_head.weight", "model.norm.weight"})
+    EXPECT_TRUE(torch::equal(tensor_of(trained, name), tensor_of(base, name))) << name << " is frozen but changed";
+  for (const std::string name : {"model.layers.2.mlp.down_proj.weight", "model.layers.3.self_attn.o_proj.weight"})
+    EXPECT_FALSE(torch::equal(tensor_of(trained, name), tensor_of(base, name))) << name << " trains but did not change";
+  std::set<std::string> with_state;
+  for (const auto& info : trained.tensors())
+    if (info.name.rfind("adamw.exp_avg.", 0) == 0) with_state.insert(info.name.substr(std::string("adamw.exp_avg.").size()));
+  std::set<std::string> expected;
+  for (int layer : {2, 3})
+    for (const char* part : {"input_layernorm", "self_attn.qkv_proj", "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_up_proj",
+                             "mlp.down_proj"})
+      expected.insert(mdi::tensor_name::layer(layer, part));
+  EXPECT_EQ(with_state, expected) << "AdamW state for exactly the trainable tensors";
+  for (auto& s : secondaries) EXPECT_EQ(s->wait(seconds(30)), 0) << s->err();
 }
 
 // The error lines of a log ("[error]" lines), the last one being what the user reads.
