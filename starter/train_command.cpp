@@ -127,7 +127,10 @@ class TrainingRun {
     plan_.micro_batches = opt_.micro_batches;
     plan_.seq_len = opt_.seq_len;
     plan_.trainable = mdi::parse_trainable_set(opt_.train_layers, config.n_layers);
-    plan_.optimizer = {opt_.lr, opt_.warmup, opt_.beta1, opt_.beta2, 1e-8, opt_.weight_decay, opt_.clip};
+    plan_.optimizer.lr = opt_.lr;  // betas and eps: OptimizerSettings' defaults
+    plan_.optimizer.warmup = opt_.warmup;
+    plan_.optimizer.weight_decay = opt_.weight_decay;
+    plan_.optimizer.clip = opt_.clip;
     plan_.steps = opt_.steps;
     plan_.save_every = opt_.save_every;
     plan_.checkpoint_dir = opt_.out.empty() ? "" : fs::absolute(opt_.out).string();

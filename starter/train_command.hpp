@@ -12,7 +12,7 @@ struct TrainOptions {
   std::string schedule = "gpipe";
   std::string train_layers = "all";
   int64_t steps = 100, batch_size = 8, micro_batches = 4, seq_len = 128, warmup = 0, save_every = 0, eval_every = 0;
-  double lr = 3e-4, weight_decay = 0.0, clip = 1.0, beta1 = 0.9, beta2 = 0.95, val_fraction = 0.1;
+  double lr = 3e-4, weight_decay = 0.0, clip = 1.0, val_fraction = 0.1;
   uint64_t seed = 1337;
   int threads = 0;
   bool keep_nodes = false, upload_chunks = false;
