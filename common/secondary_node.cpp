@@ -106,6 +106,8 @@ HttpResponse SecondaryNode::init(const HttpRequest& http) {
                                                                       : "cpu";
     const torch::Device device = parse_device(device_text);
     const torch::ScalarType dtype = parse_dtype(options_.dtype_override.empty() ? request.dtype : options_.dtype_override);
+    if (request.training && dtype != torch::kFloat32)
+      return back_to_idle(400, "training runs in float32; this node was started with --dtype " + options_.dtype_override);
     const std::string key = request.chunk_sha256 + " " + std::to_string(request.layer_begin) + "-" + std::to_string(request.layer_end) +
                             " " + device.str() + " " + dtype_name(dtype);
     if (key != chunk_key_) {

@@ -353,4 +353,18 @@ TEST_F(Train, BadInputsGetOneLineNamingTheProblemAndLeaveNoCheckpoint) {
   EXPECT_TRUE(unfinished_steps(killed_out).empty()) << unfinished_steps(killed_out).front();
 }
 
+TEST_F(Train, ASecondaryStartedInBfloat16RefusesToTrainNamingItsFlag) {
+  const auto config = write_config(2, "bf16");
+  ChildProcess secondary({(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", config.string(), "0", "--device", "cpu",
+                          "--dtype", "bfloat16", "--chunk-cache", (scratch_->path() / "cache-bf16").string()},
+                         scratch_->path(), "bf16-secondary");
+  auto run = train("bf16", untied_, {"--nodes-config", config.string(), "--steps", "1", "--batch-size", "2", "--micro-batches", "1",
+                                     "--seq-len", "16"});
+  EXPECT_EQ(run.exit_code, 1);
+  const auto errors = error_lines(run.err);
+  ASSERT_FALSE(errors.empty()) << run.err;
+  EXPECT_NE(errors.back().find("secondary 0"), std::string::npos) << errors.back();
+  EXPECT_NE(errors.back().find("training runs in float32; this node was started with --dtype bfloat16"), std::string::npos) << errors.back();
+}
+
 }  // namespace
