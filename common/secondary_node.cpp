@@ -161,8 +161,17 @@ void SecondaryNode::run_ring(InitRequest request) {
         spdlog::info("training layers [{}, {}): {}, {} micro-batches, steps {}..{}", request.layer_begin, request.layer_end,
                      schedule_name(request.training->schedule), request.training->micro_batches, request.training->first_step,
                      request.training->steps);
+        const NodeEndpoint& starter = request.nodes.starter;
+        ControlClient to_starter(starter.addr, starter.control_port, request.nodes.auth_token, request.nodes.timeouts.http_init);
+        auto upload = [&](int64_t step, const fs::path& file, const std::string& sha256) {
+          const auto result = to_starter.upload_file("POST", "/stage?step=" + std::to_string(step) + "&node=secondary" +
+                                                                 std::to_string(options_.secondary_index) + "&sha256=" + sha256, file);
+          if (result.status != 200)
+            throw ControlPlaneError("the starter (" + format_endpoint(starter.addr, starter.control_port) + ") refused the stage of step " +
+                                    std::to_string(step) + ": " + result.body.value("error", result.body.dump()));
+        };
         run_secondary_training(*chunk_, links, *request.training, ring_index, request.nodes.n_nodes(), *training_status_, cancel_,
-                               request.nodes.timeouts.receive);
+                               request.nodes.timeouts.receive, upload);
       } else {
         std::optional<LayerProbes> probes;
         if (!request.interpretability.empty()) {

@@ -1,6 +1,7 @@
 #include "common/training_pipeline.hpp"
 
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <map>
@@ -282,7 +283,8 @@ nlohmann::json SecondaryTrainingStatus::to_json() const {
 fs::path checkpoint_step_dir(const fs::path& dir, int64_t step) { return dir / ("step-" + std::to_string(step)); }
 
 void run_secondary_training(ModelChunk& chunk, RingLinks& links, const TrainingPlan& plan, size_t ring_index, size_t n_nodes,
-                            SecondaryTrainingStatus& status, const std::atomic<bool>& cancel, std::chrono::milliseconds send_timeout) {
+                            SecondaryTrainingStatus& status, const std::atomic<bool>& cancel, std::chrono::milliseconds send_timeout,
+                            const StageUpload& upload) {
   StageOptimizer optimizer(chunk, plan.trainable, plan.optimizer);
   if (!plan.resume_file.empty()) {
     const std::string digest = sha256_file(plan.resume_file);
@@ -344,10 +346,17 @@ void run_secondary_training(ModelChunk& chunk, RingLinks& links, const TrainingP
     const auto update = frame_scalars(wait_frame(from_prev, cancel, figures.idle_s), 2, step, from_prev);
     optimizer.step(update[1], clip_factor(update[0], plan.optimizer.clip));
     if (plan.saves_after(step)) {
-      const fs::path file = checkpoint_step_dir(plan.checkpoint_dir, step) / ("secondary" + std::to_string(ring_index - 1) + ".safetensors");
+      const std::string name = "secondary" + std::to_string(ring_index - 1) + ".safetensors";
+      const fs::path file = plan.upload_stages ? fs::temp_directory_path() / ("mdi-stage-" + std::to_string(::getpid()) + "-" + name)
+                                               : checkpoint_step_dir(plan.checkpoint_dir, step) / name;
       const std::string digest = optimizer.save(file, step);
-      status.set_checkpoint(step, file.string(), digest, fs::file_size(file));
-      spdlog::info("step {}: saved {}", step, file.string());
+      const uint64_t bytes = fs::file_size(file);
+      if (plan.upload_stages) {
+        upload(step, file, digest);
+        fs::remove(file);
+      }
+      status.set_checkpoint(step, plan.upload_stages ? name : file.string(), digest, bytes);
+      spdlog::info("step {}: {} {}", step, plan.upload_stages ? "sent the starter" : "saved", file.string());
     }
     figures.peak_rss_bytes = peak_rss_bytes();
     status.set_step(step, figures);

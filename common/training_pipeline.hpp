@@ -99,10 +99,15 @@ class SecondaryTrainingStatus {
   nlohmann::json state_ = nlohmann::json::object();
 };
 
+// Hands a stage file (step, file, sha256) to the starter; throws when it could not.
+using StageUpload = std::function<void(int64_t step, const std::filesystem::path& file, const std::string& sha256)>;
+
 // A secondary's training loop: steps until a RunStop has passed through or `cancel`.
-// Its stage file of step k is <plan.checkpoint_dir>/step-k/secondary<index>.safetensors.
+// Its stage file of step k is <plan.checkpoint_dir>/step-k/secondary<index>.safetensors,
+// or with plan.upload_stages a temporary file given to `upload` and removed.
 void run_secondary_training(ModelChunk& chunk, RingLinks& links, const TrainingPlan& plan, size_t ring_index, size_t n_nodes,
-                            SecondaryTrainingStatus& status, const std::atomic<bool>& cancel, std::chrono::milliseconds send_timeout);
+                            SecondaryTrainingStatus& status, const std::atomic<bool>& cancel, std::chrono::milliseconds send_timeout,
+                            const StageUpload& upload);
 
 // <dir>/step-<step>: where every node writes its stage of that step.
 std::filesystem::path checkpoint_step_dir(const std::filesystem::path& dir, int64_t step);

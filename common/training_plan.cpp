@@ -149,7 +149,7 @@ bool TrainingPlan::saves_after(int64_t step) const {
 nlohmann::json TrainingPlan::to_json() const {
   return {{"schedule", schedule_name(schedule)}, {"micro_batches", micro_batches}, {"seq_len", seq_len},
           {"train_layers", trainable.to_string()}, {"optimizer", optimizer.to_json()}, {"first_step", first_step},
-          {"steps", steps}, {"save_every", save_every}, {"checkpoint_dir", checkpoint_dir},
+          {"steps", steps}, {"save_every", save_every}, {"checkpoint_dir", checkpoint_dir}, {"upload_stages", upload_stages},
           {"resume", {{"file", resume_file}, {"sha256", resume_sha256}}}};
 }
 
@@ -166,6 +166,9 @@ TrainingPlan TrainingPlan::from_json(const nlohmann::json& j, int64_t n_layers, 
   p.first_step = integer_field(j, "first_step", where, 1, p.steps);
   p.save_every = integer_field(j, "save_every", where, 0, 1ll << 40);
   p.checkpoint_dir = string_field(j, "checkpoint_dir", where);
+  const auto& upload = field(j, "upload_stages", where);
+  if (!upload.is_boolean()) throw TrainingPlanError(where + ": \"upload_stages\" must be true or false, got " + upload.dump());
+  p.upload_stages = upload.get<bool>();
   const auto& resume = field(j, "resume", where);
   p.resume_file = string_field(resume, "file", where + ".resume");
   p.resume_sha256 = string_field(resume, "sha256", where + ".resume");

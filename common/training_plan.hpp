@@ -90,7 +90,8 @@ struct TrainingPlan {
   int64_t first_step = 1;      // > 1 when resuming
   int64_t steps = 0;           // the last step
   int64_t save_every = 0;      // 0: save only after the last step
-  std::string checkpoint_dir;  // where this node writes its stage, on its own disk ("" : no checkpoints)
+  std::string checkpoint_dir;  // the run's checkpoint directory ("" : no checkpoints)
+  bool upload_stages = false;  // send each stage to the starter's control plane instead of writing it under checkpoint_dir
   std::string resume_file;     // this node's stage file of the checkpoint to resume from ("" : fresh start)
   std::string resume_sha256;   // what that file must hash to
 

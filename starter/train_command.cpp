@@ -6,9 +6,11 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <random>
 
 #include "common/checkpoint.hpp"
+#include "common/control_plane.hpp"
 #include "common/loss_plot.hpp"
 #include "common/model_store.hpp"
 #include "common/nodes_config.hpp"
@@ -209,6 +211,9 @@ class TrainingRun {
         entry.file = fs::path(saved["file"].get<std::string>()).filename().string();
         entry.sha256 = saved["sha256"];
         entry.bytes = saved["bytes"];
+        if (opt_.stages_to_starter && received_stage(step, i - 1) != entry.sha256)
+          throw mdi::CheckpointError(cluster->describe(i - 1) + " reports its stage of step " + std::to_string(step) +
+                                     " sent, but the starter holds no such file");
       }
     }
     mdi::write_training_manifest(c);
@@ -290,8 +295,11 @@ class TrainingRun {
     settings.device = "cpu";
     settings.max_seq_len = split_.model.max_seq_len;
     settings.upload_chunks = opt_.upload_chunks;
+    if (opt_.stages_to_starter && opt_.out.empty()) throw std::invalid_argument("--stages-to-starter needs --out DIR: where the stages go");
+    const auto receiver = opt_.stages_to_starter ? stage_receiver(nodes) : nullptr;
     for (size_t i = 1; i < n_nodes; ++i) {
       mdi::TrainingPlan plan = plan_;
+      plan.upload_stages = opt_.stages_to_starter;
       if (resume) {
         const auto& entry = resume->stages.secondary(static_cast<int64_t>(i - 1));
         plan.resume_file = fs::absolute(resume->dir / entry.file).string();
@@ -319,6 +327,44 @@ class TrainingRun {
     }
   }
 
+  // --stages-to-starter: the starter's control plane takes each secondary's stage file
+  // (POST /stage?step=K&node=secondaryI&sha256=HEX) into <out>/step-K/secondaryI.safetensors.
+  std::unique_ptr<mdi::ControlServer> stage_receiver(const mdi::NodesConfig& nodes) {
+    mdi::ControlServerOptions options;
+    options.bind_addr = nodes.starter.bind_addr.empty() ? nodes.starter.addr : nodes.starter.bind_addr;
+    options.port = nodes.starter.control_port;
+    options.auth_token = nodes.auth_token;
+    options.upload_dir = fs::path(plan_.checkpoint_dir) / ".incoming";
+    fs::create_directories(options.upload_dir);
+    auto server = std::make_unique<mdi::ControlServer>(options);
+    server->upload_route("POST", "/stage", [this, n_secondaries = nodes.secondaries.size()](const mdi::HttpRequest& head, const fs::path& file,
+                                                                                           const std::string& sha256) -> mdi::HttpResponse {
+      const auto step = mdi::query_param(head, "step"), node = mdi::query_param(head, "node"), expected = mdi::query_param(head, "sha256");
+      if (!step || !node || !expected || step->empty() || step->size() > 15 || step->find_first_not_of("0123456789") != std::string::npos)
+        return {400, {{"error", "POST /stage needs ?step=K&node=secondaryI&sha256=HEX"}}};
+      size_t index = n_secondaries;
+      for (size_t i = 0; i < n_secondaries; ++i)
+        if (*node == "secondary" + std::to_string(i)) index = i;
+      if (index == n_secondaries) return {400, {{"error", "node \"" + *node + "\" is no secondary of this run"}}};
+      if (*expected != sha256) return {400, {{"error", "the stage has sha256 " + sha256 + ", the request announced " + *expected}}};
+      const fs::path target = mdi::checkpoint_step_dir(plan_.checkpoint_dir, std::stoll(*step)) / (*node + ".safetensors");
+      fs::create_directories(target.parent_path());
+      fs::rename(file, target);
+      std::lock_guard lock(received_mutex_);
+      received_[{std::stoll(*step), index}] = sha256;
+      spdlog::debug("received {}", target.string());
+      return {200, {{"stored", target.string()}}};
+    });
+    server->start();
+    return server;
+  }
+
+  std::string received_stage(int64_t step, size_t secondary) {
+    std::lock_guard lock(received_mutex_);
+    auto it = received_.find({step, secondary});
+    return it == received_.end() ? "" : it->second;
+  }
+
   // "secondary 1 (127.0.0.1:8090)" for each node whose control plane no longer answers:
   // whichever link broke first, the node to name is the one that is gone.
   static std::string unreachable_nodes(const mdi::Cluster& cluster) {
@@ -337,6 +383,8 @@ class TrainingRun {
   mdi::TrainingPlan plan_;
   std::optional<TrainingLog> log_;
   double elapsed_s_ = 0;
+  std::mutex received_mutex_;
+  std::map<std::pair<int64_t, size_t>, std::string> received_;  // (step, secondary) → sha256 of the stage it sent
 };
 
 int run_gather(const GatherOptions& opt) {
@@ -380,6 +428,9 @@ TrainCommands::TrainCommands(CLI::App& app) {
   train_cmd_->add_option("--threads", o.threads, "CPU threads for LibTorch (0: all cores)")->check(CLI::NonNegativeNumber);
   train_cmd_->add_flag("--keep-nodes", o.keep_nodes, "Leave the secondaries running and idle after the run");
   train_cmd_->add_flag("--upload-chunks", o.upload_chunks, "Upload every secondary's chunk over HTTP");
+  train_cmd_->add_flag("--stages-to-starter", o.stages_to_starter,
+                       "The secondaries send their checkpoint stages to the starter (its communication.port) instead of writing\n"
+                       "them on their own disks under --out");
 
   gather_cmd_ = app.add_subcommand("gather", "Write a training checkpoint as a model directory (what prepare_model writes), split as it was trained");
   gather_cmd_->add_option("--checkpoint", gather_.checkpoint, "A step-K directory, or a training --out directory (its latest step)")->required();

@@ -15,7 +15,7 @@ struct TrainOptions {
   double lr = 3e-4, weight_decay = 0.0, clip = 1.0, val_fraction = 0.1;
   uint64_t seed = 1337;
   int threads = 0;
-  bool keep_nodes = false, upload_chunks = false;
+  bool keep_nodes = false, upload_chunks = false, stages_to_starter = false;
 };
 
 struct GatherOptions {

@@ -10,6 +10,7 @@
 #include "common/checkpoint.hpp"
 #include "common/model_store.hpp"
 #include "common/safetensors.hpp"
+#include "common/sha256.hpp"
 #include "tests/support.hpp"
 
 namespace {
@@ -365,6 +366,30 @@ TEST_F(Train, ASecondaryStartedInBfloat16RefusesToTrainNamingItsFlag) {
   ASSERT_FALSE(errors.empty()) << run.err;
   EXPECT_NE(errors.back().find("secondary 0"), std::string::npos) << errors.back();
   EXPECT_NE(errors.back().find("training runs in float32; this node was started with --dtype bfloat16"), std::string::npos) << errors.back();
+}
+
+TEST_F(Train, StagesSentToTheStarterMakeTheSameCheckpointAsStagesWrittenOnTheNodes) {
+  std::map<bool, nlohmann::json> manifests;
+  for (bool sent : {false, true}) {
+    const std::string name = sent ? "sent" : "written";
+    const auto config = write_config(3, name);
+    auto secondaries = start_secondaries(config, 3);
+    const fs::path out = scratch_->path() / ("stages-" + name);
+    std::vector<std::string> args = {"--nodes-config", config.string(), "--steps", "2", "--batch-size", "4", "--micro-batches", "2",
+                                      "--seq-len", "16", "--val-fraction", "0", "--save-every", "1", "--out", out.string()};
+    if (sent) args.push_back("--stages-to-starter");
+    auto run = train("stages-" + name, untied_, args);
+    ASSERT_EQ(run.exit_code, 0) << run.err;
+    manifests[sent] = nlohmann::json::parse(mdi::test::read_file(out / "step-2/manifest.json"));
+    for (auto& s : secondaries) {
+      EXPECT_EQ(s->wait(seconds(30)), 0) << s->err();
+      EXPECT_EQ(s->err().find("sent the starter") != std::string::npos, sent) << s->err();
+    }
+    // what the manifest names is there, whole
+    for (const auto& node : manifests[sent]["nodes"])
+      EXPECT_EQ(mdi::sha256_file(out / "step-2" / node["file"].get<std::string>()), node["sha256"]) << name << " " << node.dump();
+  }
+  EXPECT_EQ(manifests[true]["nodes"], manifests[false]["nodes"]);
 }
 
 }  // namespace

@@ -220,6 +220,7 @@ TEST(InitTraining, TheTrainingFieldRoundTripsAndEveryBadValueIsNamed) {
   refused([](auto& b) { b["training"]["first_step"] = 11; }, "\"first_step\" must be an integer in 1..10");
   refused([](auto& b) { b["training"]["resume"]["file"] = "x.safetensors"; }, "\"file\" and \"sha256\" come together");
   refused([](auto& b) { b["dtype"] = "bfloat16"; }, "training runs in float32");
+  refused([](auto& b) { b["training"]["upload_stages"] = "yes"; }, "\"upload_stages\" must be true or false");
   refused([](auto& b) { b["training"] = 3; }, "training must be an object");
 }
 
