@@ -177,7 +177,10 @@ def main():
     ap.add_argument("--netns", default="", help="comma-separated tbf rates, e.g. 1gbit,100mbit (needs root)")
     ap.add_argument("--micro-batch", type=int, default=0, help="starter --micro-batch (default 0: n_samples / n_nodes, rounded up)")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from bench/results/ring_bench.json")
     args = ap.parse_args()
+    if args.plot_only:
+        return plot(json.loads((RESULTS / "ring_bench.json").read_text()))
     if not args.no_build:
         build()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -227,6 +230,11 @@ def main():
     print(table)
     (RESULTS / "ring_bench.md").write_text(table)
     (RESULTS / "ring_bench.json").write_text(json.dumps(rows, indent=1))
+    plot(rows)
+
+
+def plot(rows):
+    """One panel per model and network: cumulative time against generated tokens, as MDI-LLM plots it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -235,18 +243,21 @@ def main():
         print("matplotlib is missing (apt-get install python3-matplotlib): no plot", file=sys.stderr)
         return
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        for r in rows:
-            if r["model"] == model and r["timeline"]:
-                ax.plot(range(1, len(r["timeline"]) + 1), r["timeline"], label=f"{r['network']}, {r['nodes']} nodes, {r['samples']} samples (batches of {r['micro_batch']})")
-        ax.set_title(model)
-        ax.set_xlabel("generated tokens (all samples)")
-        ax.set_ylabel("time (s)")
-        ax.legend(fontsize=7)
+    networks = list(dict.fromkeys(r["network"] for r in rows))
+    fig, axes = plt.subplots(len(models), len(networks), figsize=(6 * len(networks), 4.5 * len(models)), squeeze=False)
+    for row_axes, model in zip(axes, models):
+        for ax, net in zip(row_axes, networks):
+            for r in rows:
+                if r["model"] == model and r["network"] == net and r["timeline"]:
+                    ax.plot(range(1, len(r["timeline"]) + 1), r["timeline"],
+                            label=f"{r['nodes']} nodes, {r['samples']} samples, batches of {r['micro_batch']}")
+            ax.set_title(f"{model}, {net}")
+            ax.set_xlabel("generated tokens (all samples)")
+            ax.set_ylabel("time (s)")
+            ax.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
-    fig.savefig(RESULTS / "ring_bench.png", dpi=110)
-    print(f"wrote {RESULTS / 'ring_bench.md'} and {RESULTS / 'ring_bench.png'}", file=sys.stderr)
+    fig.savefig(RESULTS / "ring_bench.png", dpi=100)
+    print(f"wrote {RESULTS / 'ring_bench.png'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

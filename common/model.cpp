@@ -458,6 +458,10 @@ torch::Tensor ModelChunk::residual_project(const torch::Tensor& residual, const 
 
 torch::Tensor ModelChunk::attention(const torch::Tensor& qkv, const std::vector<SequenceSpan>& spans, int64_t layer) const {
   auto out = torch::empty({qkv.size(0), config_.dim}, qkv.options());
+  if (spans.size() == 1) {  // no views to make: a decode step of a tiny model is a few µs
+    span_attention(qkv, *spans[0].cache, layer, spans[0].start_pos, out);
+    return out;
+  }
   int64_t row = 0;
   for (const SequenceSpan& span : spans) {
     span_attention(qkv.narrow(0, row, span.n_tokens), *span.cache, layer, span.start_pos, out.narrow(0, row, span.n_tokens));
@@ -604,7 +608,7 @@ torch::Tensor ModelChunk::forward(const torch::Tensor& input, const std::vector<
   // the residual stream goes to the head as it is, not through the chunk boundary's dtype
   torch::Tensor x = residual_stream(input, spans);
   c10::InferenceMode inference(!training_);
-  return run_head(x.index_select(0, last_rows(spans).to(x.device())), false);
+  return run_head(last_rows(x, spans), false);
 }
 
 torch::Tensor ModelChunk::forward(const torch::Tensor& input, KvCache& cache, int64_t start_pos, bool last_only,
@@ -627,11 +631,13 @@ std::vector<std::vector<size_t>> pack_micro_batches(const std::vector<int64_t>& 
   return batches;
 }
 
-torch::Tensor last_rows(const std::vector<SequenceSpan>& spans) {
+torch::Tensor last_rows(const torch::Tensor& rows, const std::vector<SequenceSpan>& spans) {
+  if (static_cast<int64_t>(spans.size()) == rows.size(0)) return rows;  // one row each: decode steps
+  if (spans.size() == 1) return rows.narrow(0, rows.size(0) - 1, 1);
   std::vector<int64_t> index;
   int64_t row = 0;
   for (const SequenceSpan& span : spans) index.push_back((row += span.n_tokens) - 1);
-  return torch::tensor(index, torch::kLong);
+  return rows.index_select(0, torch::tensor(index, torch::kLong).to(rows.device()));
 }
 
 torch::Device parse_device(const std::string& text) {

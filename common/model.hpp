@@ -169,8 +169,8 @@ class ModelChunk {
   torch::Tensor rope_cos_, rope_sin_;  // (max_seq_len, head_dim / 2), float32
 };
 
-// The index of each span's last row in its batch: the rows the next tokens come from.
-torch::Tensor last_rows(const std::vector<SequenceSpan>& spans);
+// Each span's last row of a batch's rows (spans, dim): the rows the next tokens come from.
+torch::Tensor last_rows(const torch::Tensor& rows, const std::vector<SequenceSpan>& spans);
 
 // Rotary inverse frequencies (head_dim / 2), with Llama 3.1 scaling when the config has it.
 torch::Tensor rope_inverse_frequencies(const ModelConfig& config);

@@ -152,7 +152,7 @@ void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& 
         std::vector<Frame> batch;
         batch.push_back(std::move(*frame));
         int64_t rows = batch.back().header.n_tokens;
-        while (auto more = links.from_prev->inbound().pop(std::chrono::milliseconds(0))) {
+        while (auto more = links.from_prev->inbound().try_pop()) {
           if (!carries_activations(*more) || rows + more->header.n_tokens > kBatchInvariantRows) {
             next = std::move(more);
             break;
@@ -284,7 +284,7 @@ RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector
     const auto start = clock::now();
     std::vector<SequenceSpan> spans;
     for (const BatchSegment& seg : back.segments) spans.push_back({nullptr, seg.start_pos, seg.n_tokens, nullptr});
-    auto logits = chunk.run_head(back.rows.index_select(0, last_rows(spans)), false).to(torch::kCPU).contiguous();
+    auto logits = chunk.run_head(last_rows(back.rows, spans), false).to(torch::kCPU).contiguous();
     for (size_t k = 0; k < back.segments.size(); ++k) {
       const uint32_t id = back.segments[k].sample_id;
       SampleProgress& s = samples[id];

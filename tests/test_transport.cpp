@@ -40,6 +40,20 @@ TEST(BoundedQueue, PopTimesOutWhenEmpty) {
   EXPECT_FALSE(queue.closed());
 }
 
+TEST(BoundedQueue, TryPopTakesWhatIsQueuedInOrderAndFreesRoom) {
+  BoundedQueue<int> queue(2);
+  EXPECT_FALSE(queue.try_pop());
+  EXPECT_TRUE(queue.push(1, 0ms));
+  EXPECT_TRUE(queue.push(2, 0ms));
+  EXPECT_FALSE(queue.push(3, 0ms));
+  EXPECT_EQ(queue.try_pop(), 1);
+  EXPECT_TRUE(queue.push(3, 0ms));  // the room it freed
+  queue.close();
+  EXPECT_EQ(queue.try_pop(), 2);  // a closed queue still drains
+  EXPECT_EQ(queue.try_pop(), 3);
+  EXPECT_FALSE(queue.try_pop());
+}
+
 TEST(BoundedQueue, PushTimesOutWhenFullAndKeepsTheItem) {
   BoundedQueue<std::string> queue(1);
   EXPECT_TRUE(queue.push(std::string("first"), 0ms));
