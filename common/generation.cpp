@@ -7,6 +7,18 @@
 
 namespace mdi {
 
+void StepBatch::add(const SampleProgress& sample, KvCache& cache, LayerHook hook) {
+  const auto tokens = sample.pending_input();
+  input.insert(input.end(), tokens.begin(), tokens.end());
+  spans.push_back({&cache, sample.pending_pos(), static_cast<int64_t>(tokens.size()), std::move(hook)});
+}
+
+std::vector<std::vector<size_t>> StepBatch::plan(const std::vector<const SampleProgress*>& samples, size_t max_samples) {
+  std::vector<int64_t> rows;
+  for (const SampleProgress* s : samples) rows.push_back(s->pending_count());
+  return pack_micro_batches(rows, max_samples);
+}
+
 RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token,
                              const HookFactory& hooks) {
   if (!model.spec().embedding || !model.spec().head)
@@ -20,21 +32,17 @@ RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress
   const auto run_start = clock::now();
   for (;;) {
     std::vector<size_t> running;
-    std::vector<int64_t> rows;
+    std::vector<const SampleProgress*> pending;
     for (size_t i = 0; i < samples.size(); ++i)
-      if (samples[i].running()) running.push_back(i), rows.push_back(static_cast<int64_t>(samples[i].pending_input().size()));
+      if (samples[i].running()) running.push_back(i), pending.push_back(&samples[i]);
     if (running.empty()) break;
-    for (const auto& batch : pack_micro_batches(rows, running.size())) {
-      std::vector<int64_t> input;
-      std::vector<SequenceSpan> spans;
+    for (const auto& batch : StepBatch::plan(pending, running.size())) {
+      StepBatch step;
       for (size_t b : batch) {
-        SampleProgress& s = samples[running[b]];
-        const auto tokens = s.pending_input();
-        input.insert(input.end(), tokens.begin(), tokens.end());
-        const LayerHook hook = hooks ? hooks(static_cast<uint32_t>(s.index()), s.pending_pos()) : nullptr;
-        spans.push_back({&caches[running[b]], s.pending_pos(), static_cast<int64_t>(tokens.size()), hook});
+        const SampleProgress& s = samples[running[b]];
+        step.add(s, caches[running[b]], hooks ? hooks(static_cast<uint32_t>(s.index()), s.pending_pos()) : nullptr);
       }
-      auto logits = model.forward(torch::tensor(input, torch::kLong), spans).to(torch::kCPU).contiguous();
+      auto logits = model.forward(torch::tensor(step.input, torch::kLong), step.spans).to(torch::kCPU).contiguous();
       for (size_t k = 0; k < batch.size(); ++k) {
         const size_t i = running[batch[k]];
         SampleProgress& s = samples[i];

@@ -226,35 +226,35 @@ RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector
   std::map<uint64_t, size_t> samples_out;        // sent frames in flight → their samples not back yet
   uint64_t frames_sent = 0;
 
-  // The ready samples' next steps through the starter's layers, in micro-batches, while the ring has room.
+  // The ready samples' next steps through the starter's layers, in micro-batches (in the
+  // order the samples became ready), while the ring has room.
   auto send_ready = [&] {
-    while (!ready.empty() && samples_out.size() < options.max_in_flight) {
-      std::vector<int64_t> rows;
-      for (size_t i : ready) rows.push_back(static_cast<int64_t>(samples[i].pending_input().size()));
-      const auto first_batch = pack_micro_batches(rows, options.micro_batch).front();
+    std::vector<const SampleProgress*> pending;
+    for (size_t i : ready) pending.push_back(&samples[i]);
+    size_t sent = 0;  // samples from the front of `ready`
+    for (const auto& batch : StepBatch::plan(pending, options.micro_batch)) {
+      if (samples_out.size() >= options.max_in_flight) break;
       const auto start = clock::now();
-      std::vector<int64_t> input;
-      std::vector<SequenceSpan> spans;
+      StepBatch step;
       std::vector<BatchSegment> segments;
-      for (size_t k = 0; k < first_batch.size(); ++k) {
+      for (size_t k : batch) {
         SampleProgress& s = samples[ready[k]];
         const auto id = static_cast<uint32_t>(s.index());
         const auto pos = static_cast<uint32_t>(s.pending_pos());
-        const auto tokens = s.pending_input();
         if (pos == 0) caches.insert_or_assign(id, chunk.new_cache());
-        input.insert(input.end(), tokens.begin(), tokens.end());
-        spans.push_back({&caches.at(id), pos, static_cast<int64_t>(tokens.size()), options.hooks ? options.hooks(id, pos) : nullptr});
-        segments.push_back({id, pos, static_cast<uint32_t>(tokens.size())});
+        step.add(s, caches.at(id), options.hooks ? options.hooks(id, pos) : nullptr);
+        segments.push_back({id, pos, static_cast<uint32_t>(s.pending_count())});
         frame_of_sample[id] = frames_sent;
         s.mark_fed();
       }
-      ready.erase(ready.begin(), ready.begin() + static_cast<std::ptrdiff_t>(first_batch.size()));
-      auto hidden = chunk.run_layers(torch::tensor(input, torch::kLong), spans);
+      sent += batch.size();
+      auto hidden = chunk.run_layers(torch::tensor(step.input, torch::kLong), step.spans);
       Frame frame = activations_frame(segments, hidden);
       stats.add_compute(seconds_since(start));
       links.to_next->send(std::move(frame), options.send_timeout);
       samples_out[frames_sent++] = segments.size();
     }
+    ready.erase(ready.begin(), ready.begin() + static_cast<std::ptrdiff_t>(sent));
   };
 
   const auto run_start = clock::now();

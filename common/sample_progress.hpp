@@ -37,6 +37,7 @@ class SampleProgress {
   int64_t generated() const { return static_cast<int64_t>(tokens_.size() - prompt_tokens_.size()); }
   // Tokens the next forward pass consumes, and the position of the first of them.
   std::vector<int64_t> pending_input() const;
+  int64_t pending_count() const { return static_cast<int64_t>(tokens_.size()) - fed_; }
   int64_t pending_pos() const { return fed_; }
   void mark_fed() { fed_ = static_cast<int64_t>(tokens_.size()); }
 
