@@ -42,6 +42,15 @@ class BoundedQueue {
     return take_front();
   }
 
+  // Waits up to `timeout` until an item is queued, and leaves it there: a consumer
+  // that must take some lock of its own before it pops. False on timeout, or once
+  // closed and drained.
+  bool wait_for_item(std::chrono::milliseconds timeout) {
+    std::unique_lock lock(mutex_);
+    not_empty_.wait_for(lock, timeout, [&] { return closed_ || !items_.empty(); });
+    return !items_.empty();
+  }
+
   // An item already queued, or nullopt; never waits. (A zero-timeout pop() still goes
   // to the kernel and may lose the CPU: measured, 70 µs per ring hop on 2 busy cores.)
   std::optional<T> try_pop() {

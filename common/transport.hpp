@@ -9,9 +9,10 @@
 // on the wire: handshake, heartbeats, timeouts, limits and failures.
 //
 // A Link is made by ring setup only (RingListener::accept_prev, connect_next,
-// connect_ring). Sending queues the frame for the link's writer; received frames
-// land in the link's inbound queue. When a link fails it closes its inbound queue
-// with an error naming the peer and what was being done, and calls on_error once.
+// connect_ring). Small frames are written by the sending thread, others by the
+// link's writer; received frames land in the link's inbound queue. When a link
+// fails it closes its inbound queue with an error naming the peer and what was
+// being done, and calls on_error once.
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -48,8 +49,8 @@ struct LinkOptions {
   size_t inbound_capacity = 16;                    // frames; when full, the link stops reading (backpressure)
   size_t outbound_capacity = 16;                   // frames; when full, send() waits
   uint32_t max_tokens = FrameLimits{}.max_tokens;  // the payload cap is NodesConfig::max_frame_bytes
-  // Called once, from one of the link's threads, with the link's error. It may call
-  // Link::close() but must not destroy the link.
+  // Called once, with the link's error, from one of the link's threads or from the
+  // send() whose write failed. It may call Link::close() but must not destroy the link.
   std::function<void(const std::string& error)> on_error;
   // When set and it becomes true, ring setup (connect_ring, connect_next) gives up
   // within about a second with RingSetupError "cancelled": a node told to stop
@@ -65,9 +66,11 @@ class Link {
   Link(const Link&) = delete;
   Link& operator=(const Link&) = delete;
 
-  // Queues `frame` for the writer, waiting up to `timeout` for room. The header is
-  // checked with the peer's rules first (ProtocolError: a bug of the caller). Throws
-  // LinkError if the link failed or was closed, or the queue stayed full.
+  // Sends `frame`: written at once on the caller's thread when it is small (64 KiB
+  // of payload at most) and nothing is queued ahead of it, else queued for the
+  // writer, waiting up to `timeout` for room. The header is checked with the peer's
+  // rules first (ProtocolError: a bug of the caller). Throws LinkError if the link
+  // failed or was closed, or the queue stayed full.
   // Hello and Heartbeat frames are the link's own business (std::invalid_argument).
   // After a RunStop the link sends nothing more and half-closes.
   void send(Frame frame, std::chrono::milliseconds timeout);

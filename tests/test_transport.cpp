@@ -305,6 +305,25 @@ TEST(Transport, ThreeNodeRingCarriesFramesForwardAndBackward) {
   EXPECT_EQ(errors, 0);
 }
 
+// Small frames are written by the sending thread, big ones by the link's writer;
+// neither may overtake the other.
+TEST(Transport, SmallAndBigFramesArriveInTheOrderSent) {
+  std::vector<RingLinks> ring = connect_all(loopback_ring(2), {});
+  constexpr uint32_t kFrames = 60;
+  auto sent = [](uint32_t i) { return float_frame(FrameType::Activations, i, i % 3 == 0 ? 256 * 1024 : 16); };
+  auto sender = std::async(std::launch::async, [&] {
+    for (uint32_t i = 0; i < kFrames; ++i) ring[0].to_next->send(sent(i), 5s);
+  });
+  for (uint32_t i = 0; i < kFrames; ++i) {
+    const Frame got = pop_or_fail(*ring[1].from_prev);
+    ASSERT_EQ(got.header.sample_id, i);
+    ASSERT_EQ(got.payload, sent(i).payload);
+  }
+  sender.get();
+  EXPECT_EQ(ring[0].to_next->stats().frames_out, kFrames);
+  EXPECT_TRUE(ring[0].to_next->flush(1s));
+}
+
 TEST(Transport, SendRejectsFramesThePeerWouldReject) {
   std::vector<RingLinks> ring = connect_all(loopback_ring(2), {});
   EXPECT_THROW(ring[0].to_next->send(make_hello_frame({0, 2, kRunId}), 1s), std::invalid_argument);
