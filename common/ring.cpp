@@ -2,6 +2,7 @@
 
 #include <deque>
 #include <optional>
+#include <stdexcept>
 #include <utility>
 
 #include <spdlog/spdlog.h>
@@ -136,6 +137,19 @@ namespace {
 bool carries_activations(const Frame& frame) {
   return frame.header.type == FrameType::Activations || frame.header.type == FrameType::ActivationBatch;
 }
+
+// A stage's output for one received frame has that frame's segments, shape and
+// dtype, so it is written over the received rows and the same buffer goes on to
+// the next node: one copy (from `rows`, on any device) and no allocation per hop.
+Frame overwrite_rows(Frame frame, const torch::Tensor& rows) {
+  const FrameHeader& h = frame.header;
+  const size_t offset = h.type == FrameType::ActivationBatch ? batch_rows_offset(h) : 0;
+  const size_t bytes = static_cast<size_t>(rows.numel()) * rows.element_size();
+  if (wire_dtype(rows.scalar_type()) != h.dtype || offset + bytes != frame.payload.size())
+    throw std::logic_error("overwrite_rows: the output rows do not match the frame they answer");
+  torch::from_blob(frame.payload.data() + offset, rows.sizes(), rows.scalar_type()).copy_(rows);
+  return frame;
+}
 }  // namespace
 
 void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& stats, const std::atomic<bool>& cancel,
@@ -183,7 +197,8 @@ void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& 
           }
         }
         auto hidden = chunk.run_layers(inputs.size() == 1 ? inputs[0] : torch::cat(inputs), spans);
-        Frame out = activations_frame(segments, hidden);
+        inputs.clear();  // views of the received payloads; the forward pass is done with them
+        Frame out = batch.size() == 1 ? overwrite_rows(std::move(batch[0]), hidden) : activations_frame(segments, hidden);
         stats.add_compute(seconds_since(start));
         stats.frame_done();
         stats.set_live_samples(caches.size());
