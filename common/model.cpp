@@ -29,6 +29,11 @@ constexpr int64_t kCacheBlock = 256;
 constexpr int64_t kParallelBytes = 1 << 17;
 
 #if defined(__x86_64__)
+// GCC 12's intrinsics (_mm512_undefined_*, inside reduce and convert) trip its own
+// -Wuninitialized when inlined: GCC bug 105593, a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define MDI_AVX512 __attribute__((target("avx512f,fma")))
 #define MDI_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -49,38 +54,78 @@ MDI_AVX2 inline float reduce8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// Rows [r0, r1) of y (T, n) = add + x (T, in) · w (n, in)ᵀ. One row at a time, so the
-// weights are one sequential stream (measured: four interleaved rows read bf16 at 60%
-// of the speed of one), with four accumulators per token. Tokens go in blocks of NT:
-// each weight vector loaded once serves the block, so a micro-batch costs fewer loads
-// per multiply; a token's sums are the same in every block size, which keeps each
-// sample's numbers independent of its batch.
-template <int NT, typename W>
-MDI_AVX512 inline void dot_block_avx512(const W* wr, const float* x, int64_t in, float* sums) {
-  __m512 a[NT][4];
-  for (int j = 0; j < NT; ++j) a[j][0] = a[j][1] = a[j][2] = a[j][3] = _mm512_setzero_ps();
+// Sums of NR weight rows against NT tokens: one 16-lane accumulator per (row, token),
+// so a 4 x 4 tile loads 8 vectors for 16 multiplies, and 4 row streams keep more weight
+// reads in flight than one. A (row, token) sum is the same in every tile shape, which
+// keeps each sample's numbers independent of its batch.
+template <int NR, int NT, typename W>
+MDI_AVX512 inline void tile_avx512(const W* w, const float* x, int64_t in, float (&sums)[4][4]) {
+  __m512 a[NR][NT];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NT; ++j) a[r][j] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 64 <= in; i += 64) {
-    const __m512 w0 = load16(wr + i), w1 = load16(wr + i + 16), w2 = load16(wr + i + 32), w3 = load16(wr + i + 48);
-    for (int j = 0; j < NT; ++j) {
-      const float* xt = x + j * in + i;
-      a[j][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), a[j][0]);
-      a[j][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), a[j][1]);
-      a[j][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xt + 32), a[j][2]);
-      a[j][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xt + 48), a[j][3]);
+  for (; i + 16 <= in; i += 16) {
+    __m512 xv[NT];
+    for (int j = 0; j < NT; ++j) xv[j] = _mm512_loadu_ps(x + j * in + i);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 wv = load16(w + r * in + i);
+      for (int j = 0; j < NT; ++j) a[r][j] = _mm512_fmadd_ps(wv, xv[j], a[r][j]);
     }
   }
-  for (; i + 16 <= in; i += 16) {
-    const __m512 w0 = load16(wr + i);
-    for (int j = 0; j < NT; ++j) a[j][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * in + i), a[j][0]);
-  }
-  for (int j = 0; j < NT; ++j) {
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[j][0], a[j][1]), _mm512_add_ps(a[j][2], a[j][3])));
-    for (int64_t k = i; k < in; ++k) s += static_cast<float>(wr[k]) * x[j * in + k];
-    sums[j] = s;
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NT; ++j) {
+      float s = _mm512_reduce_add_ps(a[r][j]);
+      for (int64_t k = i; k < in; ++k) s += static_cast<float>(w[r * in + k]) * x[j * in + k];
+      sums[r][j] = s;
+    }
+}
+
+// Rows [r, r + NR) of y (T, n) = add + x (T, in) · w (n, in)ᵀ, tokens in blocks of 4.
+template <int NR, typename W>
+MDI_AVX512 inline void tile_rows_avx512(const float* x, int64_t T, const W* w, int64_t in, int64_t n, const float* add, float* y,
+                                        int64_t r) {
+  float sums[4][4];
+  const W* wr = w + r * in;
+  for (int64_t t = 0; t < T; t += 4) {
+    const int64_t nt = std::min<int64_t>(4, T - t);
+    switch (nt) {
+      case 4: tile_avx512<NR, 4>(wr, x + t * in, in, sums); break;
+      case 3: tile_avx512<NR, 3>(wr, x + t * in, in, sums); break;
+      case 2: tile_avx512<NR, 2>(wr, x + t * in, in, sums); break;
+      default: tile_avx512<NR, 1>(wr, x + t * in, in, sums);
+    }
+    for (int k = 0; k < NR; ++k)
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t at = (t + j) * n + r + k;
+        y[at] = (add ? add[at] : 0.0f) + sums[k][j];
+      }
   }
 }
 
+// One or two tokens read one row at a time: a single sequential stream is the fastest
+// read of bf16 weights (4 interleaved rows ran at 60% of its speed for one token).
+// Bigger micro-batches take 4 x 4 tiles: nanollama-304m decoded 8 samples 1.4-1.6x
+// faster than with blocks of 1 row x 4 tokens.
+template <typename W>
+MDI_AVX512 void linear_rows_avx512(const float* x, int64_t T, const W* w, int64_t in, int64_t n, const float* add, float* y,
+                                   int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  if (T <= 2) {
+    for (; r < r1; ++r) tile_rows_avx512<1>(x, T, w, in, n, add, y, r);
+    return;
+  }
+  for (; r + 4 <= r1; r += 4) tile_rows_avx512<4>(x, T, w, in, n, add, y, r);
+  switch (r1 - r) {
+    case 3: return tile_rows_avx512<3>(x, T, w, in, n, add, y, r);
+    case 2: return tile_rows_avx512<2>(x, T, w, in, n, add, y, r);
+    case 1: return tile_rows_avx512<1>(x, T, w, in, n, add, y, r);
+  }
+}
+
+// The AVX2 kernel: rows [r0, r1) of y, one row at a time, so the weights are one
+// sequential stream (measured: four interleaved rows read bf16 at 60% of the speed of
+// one), with four accumulators per token. Tokens go in blocks of 2, sharing each
+// weight load; a token's sums are the same in every block size.
 template <int NT, typename W>
 MDI_AVX2 inline void dot_block_avx2(const W* wr, const float* x, int64_t in, float* sums) {
   __m256 a[NT][4];
@@ -107,26 +152,6 @@ MDI_AVX2 inline void dot_block_avx2(const W* wr, const float* x, int64_t in, flo
   }
 }
 
-// AVX-512 has registers for 4 tokens' accumulators, AVX2 for 2.
-template <typename W>
-MDI_AVX512 void linear_rows_avx512(const float* x, int64_t T, const W* w, int64_t in, int64_t n, const float* add, float* y,
-                                   int64_t r0, int64_t r1) {
-  float sums[4];
-  for (int64_t r = r0; r < r1; ++r) {
-    const W* wr = w + r * in;
-    for (int64_t t = 0; t < T; t += 4) {
-      const int64_t nt = std::min<int64_t>(4, T - t);
-      switch (nt) {
-        case 4: dot_block_avx512<4>(wr, x + t * in, in, sums); break;
-        case 3: dot_block_avx512<3>(wr, x + t * in, in, sums); break;
-        case 2: dot_block_avx512<2>(wr, x + t * in, in, sums); break;
-        default: dot_block_avx512<1>(wr, x + t * in, in, sums);
-      }
-      for (int64_t j = 0; j < nt; ++j) y[(t + j) * n + r] = (add ? add[(t + j) * n + r] : 0.0f) + sums[j];
-    }
-  }
-}
-
 template <typename W>
 MDI_AVX2 void linear_rows_avx2(const float* x, int64_t T, const W* w, int64_t in, int64_t n, const float* add, float* y,
                                int64_t r0, int64_t r1) {
@@ -143,6 +168,7 @@ MDI_AVX2 void linear_rows_avx2(const float* x, int64_t T, const W* w, int64_t in
     }
   }
 }
+#pragma GCC diagnostic pop
 #endif
 
 template <typename W>

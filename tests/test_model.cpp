@@ -23,8 +23,9 @@ RawLlama2c random_raw_model(int64_t n_heads, int64_t n_kv_heads, bool tied, uint
   torch::manual_seed(seed);
   RawLlama2c m;
   auto& c = m.config;
-  c.dim = 32, c.hidden_dim = 48, c.n_layers = 2, c.n_heads = n_heads, c.n_kv_heads = n_kv_heads;
-  c.vocab_size = 40, c.max_seq_len = 64, c.tied_embeddings = tied;
+  // Odd sizes reach the kernels' edges: 53 rows and 53-wide rows of the FFN, 41 of the head.
+  c.dim = 32, c.hidden_dim = 53, c.n_layers = 2, c.n_heads = n_heads, c.n_kv_heads = n_kv_heads;
+  c.vocab_size = 41, c.max_seq_len = 64, c.tied_embeddings = tied;
   const int64_t L = c.n_layers, d = c.dim, kv = c.kv_dim(), h = c.hidden_dim;
   auto r = [](std::vector<int64_t> shape) { return torch::randn(shape) * 0.3; };
   m.embedding = r({c.vocab_size, d});
