@@ -10,6 +10,8 @@ cumulative time against generated tokens (MDI-LLM's figure) to bench/results/.
     bench/ring_bench.py                          # stories260K (../shared) + random nanollama-304m, loopback
     bench/ring_bench.py --netns 1gbit,100mbit    # also in namespaces at those rates (root)
     bench/ring_bench.py --models stories260K --n-tokens 200
+    bench/ring_bench.py --models tinyllama-1.1b --n-tokens 8 --name ring_bench_tinyllama
+    bench/ring_bench.py --from-json              # table and plot again from bench/results/ring_bench.json
 """
 import argparse
 import json
@@ -17,6 +19,7 @@ import os
 import pathlib
 import platform
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -139,6 +142,22 @@ def run_ring(model_dir, n_nodes, n_samples, n_tokens, threads, micro_batch, work
     return result
 
 
+def hop_overhead(model_dir, work, reps):
+    """The issue's per-hop figure: (time per token on an n-node ring - standalone) / n, one
+    sample, loopback; single runs vary by 2x on a busy VM, so the median of `reps` runs,
+    standalone and ring alternating."""
+    runs = {n: [] for n in (1, 2, 3)}
+    for _ in range(reps):
+        for n in runs:
+            runs[n].append(run_ring(model_dir, n, 1, 480, 1, 0, work)["stats"]["tokens_per_s"])
+    out = []
+    for n in (2, 3):
+        hops = sorted((1e6 / ring - 1e6 / alone) / n for alone, ring in zip(runs[1], runs[n]))
+        out.append({"nodes": n, "reps": reps, "standalone_tok_s": statistics.median(runs[1]), "ring_tok_s": statistics.median(runs[n]),
+                    "hop_us_median": statistics.median(hops), "hop_us_min": hops[0], "hop_us_max": hops[-1]})
+    return out
+
+
 def summarize(name, net, n_nodes, n_samples, micro_batch, result):
     stats = result["stats"]
     tokens = stats["generated_tokens"]
@@ -176,18 +195,21 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="LibTorch threads per node (default: cores / nodes, at least 1)")
     ap.add_argument("--netns", default="", help="comma-separated tbf rates, e.g. 1gbit,100mbit (needs root)")
     ap.add_argument("--micro-batch", type=int, default=0, help="starter --micro-batch (default 0: n_samples / n_nodes, rounded up)")
+    ap.add_argument("--hop-reps", type=int, default=9, help="runs of the per-hop measurement (stories260K; 0: skip it)")
     ap.add_argument("--no-build", action="store_true")
-    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from bench/results/ring_bench.json")
+    ap.add_argument("--name", default="ring_bench", help="results file name: bench/results/NAME.{md,json,png}")
+    ap.add_argument("--from-json", action="store_true", help="rewrite the table and redraw the plot from bench/results/NAME.json")
     args = ap.parse_args()
-    if args.plot_only:
-        return plot(json.loads((RESULTS / "ring_bench.json").read_text()))
+    if args.from_json:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        return report(saved["rows"], saved["hop_overhead"], args.name)
     if not args.no_build:
         build()
     RESULTS.mkdir(parents=True, exist_ok=True)
     rates = [r for r in args.netns.split(",") if r]
     if rates and os.geteuid() != 0:
         sys.exit("--netns needs root: network namespaces and tc are root-only")
-    rows = []
+    rows, hops = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
         for model in args.models.split(","):
@@ -212,8 +234,29 @@ def main():
                     rows.append(row)
                     print(f"{model} {net} {n_nodes} nodes {n_samples} samples in batches of {row['micro_batch']}: {row['tokens_per_s']:.1f} tok/s",
                           file=sys.stderr)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
-    lines = [f"Ring benchmark on {machine}, {time.strftime('%Y-%m-%d')}. Greedy, prompt \"Once upon a time\".", "",
+            if model == "stories260K" and args.hop_reps:
+                hops = hop_overhead(model_dir, work, args.hop_reps)
+    report(rows, hops, args.name)
+
+
+def machine():
+    """CPU model, cores, ISA, memory and kernel: what the figures depend on."""
+    cpu, flags, mem_gib = platform.machine(), "", 0.0
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")).split()
+        mem_kib = next(line.split()[1] for line in pathlib.Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        mem_gib = int(mem_kib) / 2**20
+    except (OSError, StopIteration):
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    vm = ", virtual machine" if "hypervisor" in flags else ""
+    return f"{cpu} ({isa}{vm}), {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.platform()}"
+
+
+def report(rows, hops, name):
+    lines = [f"Ring benchmark on {machine()}, {time.strftime('%Y-%m-%d')}. Greedy, prompt \"Once upon a time\".", "",
              "| model | network | nodes | samples | micro-batch | tokens | tokens/s | ms/token | queue+transfer ms/hop | bytes/token on the wire | per node, per frame |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -226,14 +269,21 @@ def main():
         if r8["samples"] == 8 and r1 and r1["tokens_per_s"]:
             lines.append(f"| {r8['model']} | {r8['network']} | {r8['nodes']} | {r8['micro_batch']} | {r1['tokens_per_s']:.1f} | {r8['tokens_per_s']:.1f} | "
                          f"{r8['tokens_per_s'] / r1['tokens_per_s']:.2f}x |")
+    if hops:
+        lines += ["", f"Overhead per hop of a decode frame: (ms/token of the ring - standalone) / nodes; stories260K, 1 sample, 480 tokens, "
+                      f"loopback, one thread per node; median of {hops[0]['reps']} runs, standalone and rings alternating:", "",
+                  "| nodes | standalone tok/s | ring tok/s | per hop µs, median | min .. max |", "|---|---|---|---|---|"]
+        for h in hops:
+            lines.append(f"| {h['nodes']} | {h['standalone_tok_s']:.0f} | {h['ring_tok_s']:.0f} | {h['hop_us_median']:.1f} | "
+                         f"{h['hop_us_min']:.1f} .. {h['hop_us_max']:.1f} |")
     table = "\n".join(lines) + "\n"
     print(table)
-    (RESULTS / "ring_bench.md").write_text(table)
-    (RESULTS / "ring_bench.json").write_text(json.dumps(rows, indent=1))
-    plot(rows)
+    (RESULTS / f"{name}.md").write_text(table)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "hop_overhead": hops}, indent=1))
+    plot(rows, name)
 
 
-def plot(rows):
+def plot(rows, name):
     """One panel per model and network: cumulative time against generated tokens, as MDI-LLM plots it."""
     try:
         import matplotlib
@@ -247,17 +297,19 @@ def plot(rows):
     fig, axes = plt.subplots(len(models), len(networks), figsize=(6 * len(networks), 4.5 * len(models)), squeeze=False)
     for row_axes, model in zip(axes, models):
         for ax, net in zip(row_axes, networks):
-            for r in rows:
-                if r["model"] == model and r["network"] == net and r["timeline"]:
-                    ax.plot(range(1, len(r["timeline"]) + 1), r["timeline"],
-                            label=f"{r['nodes']} nodes, {r['samples']} samples, batches of {r['micro_batch']}")
+            shown = [r for r in rows if r["model"] == model and r["network"] == net and r["timeline"]]
+            for i, r in enumerate(shown):
+                # one colour per line (tab20 does not repeat within a panel), dashes by node count
+                ax.plot(range(1, len(r["timeline"]) + 1), r["timeline"], color=plt.cm.tab20(i % 20),
+                        linestyle={1: ":", 2: "--"}.get(r["nodes"], "-"),
+                        label=f"{r['nodes']} nodes, {r['samples']} samples, batches of {r['micro_batch']}")
             ax.set_title(f"{model}, {net}")
             ax.set_xlabel("generated tokens (all samples)")
             ax.set_ylabel("time (s)")
             ax.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
-    fig.savefig(RESULTS / "ring_bench.png", dpi=100)
-    print(f"wrote {RESULTS / 'ring_bench.png'}", file=sys.stderr)
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
+    print(f"wrote {RESULTS / f'{name}.png'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
