@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -200,17 +202,31 @@ void linear_rows_plain(const float* x, int64_t T, const W* w, int64_t in, int64_
     }
 }
 
-enum class Isa { avx512, avx2, plain };
+enum class Isa { avx512, avx2, plain };  // best first
+
+// The best kernel set the CPU runs, or a weaker one named by MDI_CPU_KERNELS (avx512,
+// avx2, plain): the tests run each set this machine has.
 Isa cpu_isa() {
+  static const Isa isa = [] {
 #if defined(__x86_64__)
-  static const Isa isa = __builtin_cpu_supports("avx512f") ? Isa::avx512
-                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
-                             ? Isa::avx2
-                             : Isa::plain;
-  return isa;
+    const Isa best = __builtin_cpu_supports("avx512f") ? Isa::avx512
+                     : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
+                         ? Isa::avx2
+                         : Isa::plain;
 #else
-  return Isa::plain;
+    const Isa best = Isa::plain;
 #endif
+    const char* asked = std::getenv("MDI_CPU_KERNELS");
+    if (!asked || !*asked) return best;
+    const std::string name = asked;
+    if (name != "avx512" && name != "avx2" && name != "plain")
+      throw std::invalid_argument("MDI_CPU_KERNELS=" + name + ": expected avx512, avx2 or plain (or unset: the best this CPU has)");
+    const Isa wanted = name == "avx512" ? Isa::avx512 : name == "avx2" ? Isa::avx2 : Isa::plain;
+    if (wanted < best)
+      throw std::invalid_argument("MDI_CPU_KERNELS=" + name + ": this CPU does not have it; unset the variable or name a weaker set");
+    return wanted;
+  }();
+  return isa;
 }
 
 // y (T, n) = add + x (T, in) · w (n, in)ᵀ; add may be null. Rows of w are split over the threads.
