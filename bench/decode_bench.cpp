@@ -68,8 +68,13 @@ __attribute__((target("avx512f"))) uint32_t sum_avx512(const uint32_t* p, int64_
     a4 = _mm512_add_epi32(a4, MDI_LOAD(p + i + 64)), a5 = _mm512_add_epi32(a5, MDI_LOAD(p + i + 80));
     a6 = _mm512_add_epi32(a6, MDI_LOAD(p + i + 96)), a7 = _mm512_add_epi32(a7, MDI_LOAD(p + i + 112));
   }
-  uint32_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
-                                                        _mm512_add_epi32(_mm512_add_epi32(a4, a5), _mm512_add_epi32(a6, a7))));
+  // stored and added in plain code: GCC 12's _mm512_reduce_add_epi32 trips its own
+  // -Wuninitialized (bug 105593)
+  alignas(64) uint32_t lanes[16];
+  _mm512_store_si512(lanes, _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
+                                             _mm512_add_epi32(_mm512_add_epi32(a4, a5), _mm512_add_epi32(a6, a7))));
+  uint32_t s = 0;
+  for (uint32_t lane : lanes) s += lane;
   for (; i < n; ++i) s += p[i];
   return s;
 }

@@ -687,15 +687,6 @@ std::vector<std::vector<size_t>> pack_micro_batches(const std::vector<int64_t>& 
   return batches;
 }
 
-torch::Tensor last_rows(const torch::Tensor& rows, const std::vector<SequenceSpan>& spans) {
-  if (static_cast<int64_t>(spans.size()) == rows.size(0)) return rows;  // one row each: decode steps
-  if (spans.size() == 1) return rows.narrow(0, rows.size(0) - 1, 1);
-  std::vector<int64_t> index;
-  int64_t row = 0;
-  for (const SequenceSpan& span : spans) index.push_back((row += span.n_tokens) - 1);
-  return rows.index_select(0, torch::tensor(index, torch::kLong).to(rows.device()));
-}
-
 torch::Device parse_device(const std::string& text) {
   try {
     torch::Device device(text);

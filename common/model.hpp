@@ -170,7 +170,16 @@ class ModelChunk {
 };
 
 // Each span's last row of a batch's rows (spans, dim): the rows the next tokens come from.
-torch::Tensor last_rows(const torch::Tensor& rows, const std::vector<SequenceSpan>& spans);
+// A span is anything with n_tokens: a SequenceSpan, or a frame's BatchSegment.
+template <class Span>
+torch::Tensor last_rows(const torch::Tensor& rows, const std::vector<Span>& spans) {
+  if (static_cast<int64_t>(spans.size()) == rows.size(0)) return rows;  // one row each: decode steps
+  if (spans.size() == 1) return rows.narrow(0, rows.size(0) - 1, 1);
+  std::vector<int64_t> index;
+  int64_t row = 0;
+  for (const Span& span : spans) index.push_back((row += span.n_tokens) - 1);
+  return rows.index_select(0, torch::tensor(index, torch::kLong).to(rows.device()));
+}
 
 // Rotary inverse frequencies (head_dim / 2), with Llama 3.1 scaling when the config has it.
 torch::Tensor rope_inverse_frequencies(const ModelConfig& config);

@@ -297,9 +297,7 @@ RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector
       frame_of_sample.erase(sent);
     }
     const auto start = clock::now();
-    std::vector<SequenceSpan> spans;
-    for (const BatchSegment& seg : back.segments) spans.push_back({nullptr, seg.start_pos, seg.n_tokens, nullptr});
-    auto logits = chunk.run_head(last_rows(back.rows, spans), false).to(torch::kCPU).contiguous();
+    auto logits = chunk.run_head(last_rows(back.rows, back.segments), false).to(torch::kCPU).contiguous();
     for (size_t k = 0; k < back.segments.size(); ++k) {
       const uint32_t id = back.segments[k].sample_id;
       SampleProgress& s = samples[id];

@@ -140,7 +140,9 @@ TEST_F(Ring, GreedyTokensEqualTheReferenceOnTwoAndThreeNodesWithOneThreeAndFiveS
         int64_t steps = 0;  // forward passes of single samples
         for (auto& sample : run.result["samples"]) steps += sample["tokens"].size() - sample["prompt_tokens"].size();
         EXPECT_GT(frames, 0) << what;
-        if (n_samples == 5) EXPECT_LE(frames, steps / 2) << what << ": the samples should travel in micro-batches";
+        if (n_samples == 5) {
+          EXPECT_LE(frames, steps / 2) << what << ": the samples should travel in micro-batches";
+        }
       }
     }
     for (auto& s : secondaries) EXPECT_EQ(s->wait(seconds(30)), 0) << "a secondary did not exit on PUT /stop\n" << s->err();

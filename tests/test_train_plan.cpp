@@ -103,7 +103,9 @@ TEST(Schedule, BothSchedulesFinishAndOneFOneBHoldsAtMostTheStageCount) {
         EXPECT_EQ(gpipe[s], M) << "stage " << s;
         EXPECT_LE(one_f[s], std::min(M, s == 0 ? n : n - s)) << "stage " << s << " of " << n << ", " << M << " micro-batches";
       }
-      if (M > n) EXPECT_LT(one_f[0], gpipe[0]);
+      if (M > n) {
+        EXPECT_LT(one_f[0], gpipe[0]);
+      }
     }
   EXPECT_DOUBLE_EQ(mdi::theoretical_bubble(3, 8), 2.0 / 10.0);
 }
