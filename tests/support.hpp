@@ -24,7 +24,10 @@ std::optional<std::filesystem::path> shared_dir();
 std::filesystem::path source_dir();
 std::filesystem::path bin_dir();
 
-// A loopback TCP port that was free when asked (bound to port 0, then closed).
+// A loopback TCP port of this test alone: bound to port 0 with SO_REUSEADDR and held,
+// not listening, until the process ends. No other process's bind(0) can take it
+// meanwhile (another parallel test picking the same port made a ring connect to an
+// HTTP server), while the nodes under test, which set SO_REUSEADDR, still bind it.
 int free_tcp_port();
 
 // A fresh directory under the system temp dir, removed when the object dies.
