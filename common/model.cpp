@@ -219,9 +219,12 @@ Isa cpu_isa() {
     const char* asked = std::getenv("MDI_CPU_KERNELS");
     if (!asked || !*asked) return best;
     const std::string name = asked;
-    if (name != "avx512" && name != "avx2" && name != "plain")
-      throw std::invalid_argument("MDI_CPU_KERNELS=" + name + ": expected avx512, avx2 or plain (or unset: the best this CPU has)");
-    const Isa wanted = name == "avx512" ? Isa::avx512 : name == "avx2" ? Isa::avx2 : Isa::plain;
+    const Isa wanted = name == "avx512" ? Isa::avx512
+                       : name == "avx2" ? Isa::avx2
+                       : name == "plain"
+                           ? Isa::plain
+                           : throw std::invalid_argument("MDI_CPU_KERNELS=" + name +
+                                                         ": expected avx512, avx2 or plain (or unset: the best this CPU has)");
     if (wanted < best)
       throw std::invalid_argument("MDI_CPU_KERNELS=" + name + ": this CPU does not have it; unset the variable or name a weaker set");
     return wanted;

@@ -288,7 +288,7 @@ struct Link::Impl {
   // Held while frame bytes go into the socket, by the writer thread (which pops under
   // it, so that no frame overtakes one it has taken) or by write_now().
   std::mutex write_mutex;
-  std::atomic<Clock::rep> last_write{Clock::now().time_since_epoch().count()};
+  Clock::time_point last_write = Clock::now();  // guarded by write_mutex
 
   mutable std::mutex mutex;          // guards the fields up to `error`
   std::condition_variable progress;  // frames_written or writer_done changed
@@ -343,9 +343,9 @@ void Link::Impl::write_loop() {
       std::lock_guard writing(write_mutex);
       if (!has_frame) {
         if (outgoing.closed()) break;
-        if (Clock::now() - Clock::time_point(Clock::duration(last_write)) < timeouts.heartbeat) continue;
+        if (Clock::now() - last_write < timeouts.heartbeat) continue;
         write_frame(fd(), make_control_frame(FrameType::Heartbeat), timeouts.receive);
-        last_write = Clock::now().time_since_epoch().count();
+        last_write = Clock::now();
         ++heartbeats_out;
         bytes_out += kFrameHeaderBytes;
         continue;
@@ -388,7 +388,7 @@ bool Link::Impl::write_now(const Frame& frame) {
 
 // Bookkeeping after `frame` went into the socket; write_mutex held.
 void Link::Impl::written(const Frame& frame) {
-  last_write = Clock::now().time_since_epoch().count();
+  last_write = Clock::now();
   const FrameHeader& h = frame.header;
   ++frames_out;
   bytes_out += kFrameHeaderBytes + frame.payload.size();
