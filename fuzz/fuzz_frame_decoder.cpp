@@ -1,5 +1,5 @@
-// libFuzzer target: the ring frame decoder (common/frame.cpp), driven as a receiver
-// drives it (common/transport.cpp read_frame): the first 64 input bytes are the
+// libFuzzer target: the ring frame decoder (common/wire/frame.cpp), driven as a receiver
+// drives it (common/net/link.cpp read_frame): the first 64 input bytes are the
 // header, the rest is what arrived after it. Checks that the decoder throws only
 // ProtocolError, that whatever it accepts obeys every documented rule (so no
 // allocation can be sized from an unchecked field), that an accepted header
@@ -12,7 +12,7 @@
 #include <cstring>
 #include <exception>
 
-#include "common/frame.hpp"
+#include "common/wire/frame.hpp"
 
 namespace {
 

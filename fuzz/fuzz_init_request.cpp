@@ -1,5 +1,5 @@
-// libFuzzer target: the POST /init body parser (common/init_request.cpp), which a
-// secondary runs on whatever the network sends (common/secondary_node.cpp). Bytes
+// libFuzzer target: the POST /init body parser (common/wire/init_request.cpp), which a
+// secondary runs on whatever the network sends (common/runtime/secondary_node.cpp). Bytes
 // are parsed as JSON (malformed JSON is a 400 before InitRequest::parse runs), then
 // parsed as an InitRequest. Only InitRequestError and nlohmann's exceptions may
 // escape; anything else reaches libFuzzer as a crash. An accepted request must
@@ -12,7 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "common/init_request.hpp"
+#include "common/wire/init_request.hpp"
 
 namespace {
 

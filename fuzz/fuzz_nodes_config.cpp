@@ -1,4 +1,4 @@
-// libFuzzer target: the nodes-config parser (common/nodes_config.cpp). Arbitrary
+// libFuzzer target: the nodes-config parser (common/wire/nodes_config.cpp). Arbitrary
 // bytes are parsed as JSON (invalid JSON stops there, as load_nodes_config turns it
 // into a ConfigError), then given to parse_nodes_config and parse_secondary_only.
 // The only exceptions allowed out are ConfigError and nlohmann's own; anything
@@ -14,7 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "common/nodes_config.hpp"
+#include "common/wire/nodes_config.hpp"
 
 namespace {
 

@@ -11,9 +11,9 @@
 #include <iostream>
 #include <sstream>
 
-#include "common/logging.hpp"
-#include "common/model_store.hpp"
-#include "common/torch_runtime.hpp"
+#include "common/runtime/logging.hpp"
+#include "common/store/model_store.hpp"
+#include "common/runtime/torch_runtime.hpp"
 
 namespace fs = std::filesystem;
 

@@ -11,11 +11,11 @@
 #include <thread>
 #include <nlohmann/json.hpp>
 
-#include "common/control_plane.hpp"
-#include "common/logging.hpp"
-#include "common/nodes_config.hpp"
-#include "common/secondary_node.hpp"
-#include "common/torch_runtime.hpp"
+#include "common/net/http/control_plane.hpp"
+#include "common/runtime/logging.hpp"
+#include "common/wire/nodes_config.hpp"
+#include "common/runtime/secondary_node.hpp"
+#include "common/runtime/torch_runtime.hpp"
 
 namespace {
 

@@ -12,18 +12,18 @@
 #include <fstream>
 #include <random>
 
-#include "common/checkpoint.hpp"
-#include "common/generation.hpp"
-#include "common/hidden_states.hpp"
-#include "common/interpretability.hpp"
-#include "common/logging.hpp"
-#include "common/model_store.hpp"
-#include "common/nodes_config.hpp"
-#include "common/ring.hpp"
-#include "common/starter_cluster.hpp"
-#include "common/sample_progress.hpp"
-#include "common/tokenizer.hpp"
-#include "common/torch_runtime.hpp"
+#include "common/store/checkpoint.hpp"
+#include "common/runtime/generation.hpp"
+#include "common/interp/hidden_states.hpp"
+#include "common/interp/interventions.hpp"
+#include "common/runtime/logging.hpp"
+#include "common/store/model_store.hpp"
+#include "common/wire/nodes_config.hpp"
+#include "common/runtime/ring.hpp"
+#include "common/runtime/starter_cluster.hpp"
+#include "common/runtime/sample_progress.hpp"
+#include "common/model/tokenizer/tokenizer.hpp"
+#include "common/runtime/torch_runtime.hpp"
 #include "starter/train_command.hpp"
 
 namespace {
@@ -52,7 +52,7 @@ struct StarterOptions {
   std::string chunk;
   bool keep_nodes = false;
   bool upload_chunks = false;
-  // hidden states (common/interpretability.hpp)
+  // hidden states (common/interp/interventions.hpp)
   std::string capture;                     // LAYERS: "all", "embed,0,3-4"
   std::string capture_positions = "all";   // "all" | "last"
   std::string capture_out;                 // FILE.safetensors

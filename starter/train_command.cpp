@@ -9,19 +9,19 @@
 #include <mutex>
 #include <random>
 
-#include "common/checkpoint.hpp"
-#include "common/control_plane.hpp"
-#include "common/loss_plot.hpp"
-#include "common/model_store.hpp"
-#include "common/nodes_config.hpp"
-#include "common/sample_progress.hpp"
-#include "common/sha256.hpp"
-#include "common/starter_cluster.hpp"
-#include "common/tokenizer.hpp"
-#include "common/torch_runtime.hpp"
-#include "common/training_checkpoint.hpp"
-#include "common/training_data.hpp"
-#include "common/training_pipeline.hpp"
+#include "common/store/checkpoint.hpp"
+#include "common/net/http/control_plane.hpp"
+#include "common/train/loss_plot.hpp"
+#include "common/store/model_store.hpp"
+#include "common/wire/nodes_config.hpp"
+#include "common/runtime/sample_progress.hpp"
+#include "common/store/sha256.hpp"
+#include "common/runtime/starter_cluster.hpp"
+#include "common/model/tokenizer/tokenizer.hpp"
+#include "common/runtime/torch_runtime.hpp"
+#include "common/train/checkpoint.hpp"
+#include "common/train/data.hpp"
+#include "common/train/pipeline.hpp"
 
 namespace {
 namespace fs = std::filesystem;

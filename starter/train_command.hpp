@@ -1,7 +1,7 @@
 #pragma once
 // starter train: fine-tunes a model over the ring (or in one process without
 // --nodes-config), and starter gather: turns a training checkpoint into a model
-// directory. See common/training_pipeline.hpp for the protocol.
+// directory. See common/train/pipeline.hpp for the protocol.
 #include <CLI/CLI.hpp>
 
 #include <optional>

@@ -1,4 +1,4 @@
-#include "common/control_plane.hpp"
+#include "common/net/http/control_plane.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -12,7 +12,7 @@
 #include <mutex>
 #include <random>
 
-#include "common/sha256.hpp"
+#include "common/store/sha256.hpp"
 #include "tests/support.hpp"
 
 namespace {

@@ -10,12 +10,12 @@
 #include <future>
 #include <nlohmann/json.hpp>
 
-#include "common/checkpoint.hpp"
-#include "common/control_plane.hpp"
-#include "common/frame.hpp"
-#include "common/init_request.hpp"
-#include "common/model_store.hpp"
-#include "common/transport.hpp"
+#include "common/store/checkpoint.hpp"
+#include "common/net/http/control_plane.hpp"
+#include "common/wire/frame.hpp"
+#include "common/wire/init_request.hpp"
+#include "common/store/model_store.hpp"
+#include "common/net/link.hpp"
 #include "tests/support.hpp"
 
 namespace {

@@ -1,4 +1,4 @@
-#include "common/frame.hpp"
+#include "common/wire/frame.hpp"
 
 #include <cstring>
 #include <functional>

@@ -1,4 +1,4 @@
-#include "common/nodes_config.hpp"
+#include "common/wire/nodes_config.hpp"
 
 #include <fstream>
 #include <functional>

@@ -4,9 +4,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "common/checkpoint.hpp"
-#include "common/control_plane.hpp"
-#include "common/model_store.hpp"
+#include "common/store/checkpoint.hpp"
+#include "common/net/http/control_plane.hpp"
+#include "common/store/model_store.hpp"
 #include "tests/support.hpp"
 
 namespace {

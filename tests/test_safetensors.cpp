@@ -1,4 +1,4 @@
-#include "common/safetensors.hpp"
+#include "common/store/safetensors.hpp"
 
 #include <cstring>
 #include <fstream>

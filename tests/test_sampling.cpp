@@ -1,4 +1,4 @@
-#include "common/sampling.hpp"
+#include "common/model/sampling.hpp"
 
 #include <map>
 

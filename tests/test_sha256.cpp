@@ -1,4 +1,4 @@
-#include "common/sha256.hpp"
+#include "common/store/sha256.hpp"
 
 #include <fstream>
 #include <random>

@@ -1,4 +1,4 @@
-#include "common/tokenizer.hpp"
+#include "common/model/tokenizer/tokenizer.hpp"
 
 #include <cstdint>
 #include <cstring>

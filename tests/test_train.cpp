@@ -7,10 +7,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "common/checkpoint.hpp"
-#include "common/model_store.hpp"
-#include "common/safetensors.hpp"
-#include "common/sha256.hpp"
+#include "common/store/checkpoint.hpp"
+#include "common/store/model_store.hpp"
+#include "common/store/safetensors.hpp"
+#include "common/store/sha256.hpp"
 #include "tests/support.hpp"
 
 namespace {

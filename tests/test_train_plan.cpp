@@ -7,11 +7,11 @@
 
 #include <gmock/gmock.h>
 
-#include "common/init_request.hpp"
-#include "common/loss_plot.hpp"
-#include "common/tokenizer.hpp"
-#include "common/training_data.hpp"
-#include "common/training_plan.hpp"
+#include "common/wire/init_request.hpp"
+#include "common/train/loss_plot.hpp"
+#include "common/model/tokenizer/tokenizer.hpp"
+#include "common/train/data.hpp"
+#include "common/train/plan.hpp"
 #include "tests/support.hpp"
 
 namespace {

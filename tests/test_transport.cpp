@@ -1,4 +1,4 @@
-#include "common/transport.hpp"
+#include "common/net/link.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -16,7 +16,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "common/bounded_queue.hpp"
+#include "common/net/bounded_queue.hpp"
 #include "tests/support.hpp"
 
 namespace mdi {

@@ -1,0 +1,96 @@
+// The socket-free half of the control plane: helpers for handlers and the
+// retry loop. The Beast code lives in control_server.cpp and control_client.cpp.
+#include "common/net/http/control_plane.hpp"
+
+#include <algorithm>
+#include <thread>
+
+#include <spdlog/spdlog.h>
+
+namespace mdi {
+namespace {
+
+constexpr std::chrono::milliseconds kFirstRetryDelay{100};
+constexpr std::chrono::milliseconds kMaxRetryDelay{2000};
+
+int hex_value(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// '+' means a space in query strings; a malformed %-escape is kept as written.
+std::string percent_decode(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '+') {
+      out += ' ';
+    } else if (text[i] == '%' && i + 2 < text.size() && hex_value(text[i + 1]) >= 0 && hex_value(text[i + 2]) >= 0) {
+      out += static_cast<char>(hex_value(text[i + 1]) * 16 + hex_value(text[i + 2]));
+      i += 2;
+    } else {
+      out += text[i];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+HttpError::HttpError(int s, std::string m) : std::runtime_error(std::move(m)), status(s) {}
+
+nlohmann::json parse_json_body(const HttpRequest& request) {
+  try {
+    return nlohmann::json::parse(request.body);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw HttpError(400, std::string("malformed JSON: ") + e.what());
+  }
+}
+
+std::optional<std::string> query_param(const HttpRequest& request, const std::string& name) {
+  size_t question = request.target.find('?');
+  if (question == std::string::npos) return std::nullopt;
+  size_t begin = question + 1;
+  while (begin <= request.target.size()) {
+    size_t end = std::min(request.target.find('&', begin), request.target.size());
+    std::string pair = request.target.substr(begin, end - begin);
+    size_t equals = pair.find('=');
+    if (percent_decode(pair.substr(0, equals)) == name)
+      return equals == std::string::npos ? std::string() : percent_decode(pair.substr(equals + 1));
+    begin = end + 1;
+  }
+  return std::nullopt;
+}
+
+std::string format_endpoint(const std::string& host, uint16_t port) {
+  bool ipv6 = host.find(':') != std::string::npos;
+  return (ipv6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
+}
+
+HttpResult request_with_retry(ControlClient& client, const std::string& method, const std::string& target,
+                              const nlohmann::json* body, std::chrono::milliseconds deadline) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  const auto give_up_at = start + deadline;
+  auto delay = kFirstRetryDelay;
+  for (int attempt = 1;; ++attempt) {
+    try {
+      return client.request(method, target, body);
+    } catch (const ControlPlaneError& e) {
+      auto now = Clock::now();
+      if (now >= give_up_at) {
+        auto tried_ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - start).count();
+        throw ControlPlaneError(method + " " + format_endpoint(client.host(), client.port()) + target +
+                                ": gave up after " + std::to_string(tried_ms) + " ms and " +
+                                std::to_string(attempt) + " attempts; last error: " + e.what());
+      }
+      spdlog::debug("attempt {} failed, retrying in {} ms: {}", attempt, delay.count(), e.what());
+      std::this_thread::sleep_for(std::min<Clock::duration>(delay, give_up_at - now));
+      delay = std::min(2 * delay, kMaxRetryDelay);
+    }
+  }
+}
+
+}  // namespace mdi

@@ -1,0 +1,108 @@
+#include "common/runtime/starter_cluster.hpp"
+
+#include <future>
+
+#include <spdlog/spdlog.h>
+
+#include "common/net/http/control_plane.hpp"
+#include "common/wire/init_request.hpp"
+
+namespace mdi {
+
+namespace fs = std::filesystem;
+
+Cluster::Cluster(NodesConfig config, nlohmann::json config_json) : config_(std::move(config)), config_json_(std::move(config_json)) {}
+
+std::string Cluster::describe(size_t i) const {
+  const NodeEndpoint& node = config_.secondaries.at(i);
+  return "secondary " + std::to_string(i) + " (" + format_endpoint(node.addr, node.control_port) + ")";
+}
+
+void Cluster::init_one(size_t i, const ChunkManifest& manifest, const fs::path& chunk_dir, const RunSettings& settings) const {
+  const NodeEndpoint& node = config_.secondaries[i];
+  const ChunkEntry& entry = manifest.secondary(static_cast<int64_t>(i));
+  const fs::path chunk_file = fs::absolute(chunk_dir / entry.file);
+  ControlClient client(node.addr, node.control_port, config_.auth_token, config_.timeouts.http_init);
+
+  InitRequest request;
+  request.run_id = settings.run_id;
+  request.ring_index = i + 1;
+  request.nodes_json = config_json_;
+  request.nodes = config_;
+  request.model = manifest.model;
+  request.layer_begin = entry.layer_begin;
+  request.layer_end = entry.layer_end;
+  request.dtype = settings.dtype;
+  request.device = settings.device;
+  request.max_seq_len = settings.max_seq_len;
+  request.max_frame_bytes = config_.max_frame_bytes;
+  request.chunk_sha256 = entry.sha256;
+  request.chunk_path = settings.upload_chunks ? "" : chunk_file.string();
+  request.interpretability = settings.interpretability.for_layers(entry.layer_begin, entry.layer_end);
+  if (!settings.training.empty()) request.training = settings.training.at(i);
+  const nlohmann::json body = request.to_json();
+
+  auto upload = [&] {
+    spdlog::info("{}: uploading {} ({:.1f} MiB)", describe(i), chunk_file.string(), double(entry.bytes) / (1 << 20));
+    auto result = client.upload_file("POST", "/chunk?sha256=" + entry.sha256, chunk_file);
+    if (result.status != 200)
+      throw ClusterError(describe(i) + ": chunk upload refused (" + std::to_string(result.status) + "): " + result.body.value("error", result.body.dump()));
+  };
+  if (settings.upload_chunks) {
+    // The node may still be starting: wait for it like /init does.
+    request_with_retry(client, "GET", "/status", nullptr, config_.timeouts.http_init);
+    upload();
+  }
+  auto result = request_with_retry(client, "POST", "/init", &body, config_.timeouts.http_init);
+  if (result.status == 404 && result.body.value("need_upload", false)) {
+    upload();
+    result = client.request("POST", "/init", &body);
+  }
+  if (result.status != 200)
+    throw ClusterError(describe(i) + ": /init refused (" + std::to_string(result.status) + "): " + result.body.value("error", result.body.dump()));
+  spdlog::info("{}: ready with layers [{}, {})", describe(i), entry.layer_begin, entry.layer_end);
+}
+
+void Cluster::init_all(const ChunkManifest& manifest, const fs::path& chunk_dir, const RunSettings& settings) {
+  std::vector<std::future<void>> pending;
+  for (size_t i = 0; i < config_.secondaries.size(); ++i)
+    pending.push_back(std::async(std::launch::async, [&, i] { init_one(i, manifest, chunk_dir, settings); }));
+  std::string failures;
+  for (auto& p : pending) {
+    try {
+      p.get();
+    } catch (const std::exception& e) {
+      failures += (failures.empty() ? "" : "; ") + std::string(e.what());
+    }
+  }
+  if (!failures.empty()) throw ClusterError(failures);
+}
+
+nlohmann::json Cluster::status_all() const {
+  nlohmann::json all = nlohmann::json::object();
+  for (size_t i = 0; i < config_.secondaries.size(); ++i) {
+    const NodeEndpoint& node = config_.secondaries[i];
+    try {
+      ControlClient client(node.addr, node.control_port, config_.auth_token, std::chrono::seconds(5));
+      all["secondary" + std::to_string(i)] = client.request("GET", "/status").body;
+    } catch (const std::exception& e) {
+      all["secondary" + std::to_string(i)] = {{"error", e.what()}};
+    }
+  }
+  return all;
+}
+
+void Cluster::stop_all(bool keep_nodes) const {
+  for (size_t i = 0; i < config_.secondaries.size(); ++i) {
+    const NodeEndpoint& node = config_.secondaries[i];
+    try {
+      ControlClient client(node.addr, node.control_port, config_.auth_token, std::chrono::seconds(5));
+      auto result = client.request("PUT", keep_nodes ? "/stop?reset=1" : "/stop");
+      if (result.status != 200) spdlog::warn("{}: stop answered {}", describe(i), result.status);
+    } catch (const std::exception& e) {
+      spdlog::warn("{}: could not be stopped: {}", describe(i), e.what());
+    }
+  }
+}
+
+}  // namespace mdi

@@ -1,0 +1,54 @@
+#pragma once
+// The starter's side of the control plane: brings every secondary into a run
+// (POST /init, uploading chunks a node lacks), reads their figures, and ends
+// the run (PUT /stop, or back to idle with --keep-nodes).
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/interp/interventions.hpp"
+#include "common/wire/nodes_config.hpp"
+#include "common/store/partition.hpp"
+#include "common/train/plan.hpp"
+
+namespace mdi {
+
+struct ClusterError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct RunSettings {
+  uint64_t run_id = 0;
+  std::string dtype;           // of the whole run
+  std::string device;          // non-empty: every secondary uses it (--device on the starter)
+  int64_t max_seq_len = 0;
+  bool upload_chunks = false;  // push every chunk over HTTP even if the node may have it on disk
+  InterpretabilityPlan interpretability;  // the whole run's; each secondary gets the part for its layers
+  std::vector<TrainingPlan> training;     // a training run: secondary i's plan; empty for inference
+};
+
+class Cluster {
+ public:
+  Cluster(NodesConfig config, nlohmann::json config_json);
+
+  // POST /init to every secondary at once; a node that lacks its chunk gets it
+  // uploaded. Throws ClusterError naming each node that failed and why.
+  void init_all(const ChunkManifest& manifest, const std::filesystem::path& chunk_dir, const RunSettings& settings);
+  // GET /status of every secondary: {"secondary0": {...}, ...}; an unreachable node gets {"error": ...}.
+  nlohmann::json status_all() const;
+  // PUT /stop to every secondary (with reset: they stay up, idle). Best effort: failures are logged.
+  void stop_all(bool keep_nodes) const;
+
+  // "secondary 1 (127.0.0.1:8090)"
+  std::string describe(size_t secondary_index) const;
+
+ private:
+  void init_one(size_t index, const ChunkManifest& manifest, const std::filesystem::path& chunk_dir, const RunSettings& settings) const;
+  NodesConfig config_;
+  nlohmann::json config_json_;
+};
+
+}  // namespace mdi
