@@ -27,8 +27,6 @@ namespace mdi {
 
 class Tokenizer;
 
-static_assert(kEmbedLayer == kEmbeddingLayer, "interpretability and the model number the embedding alike");
-
 // Receives captured rows: (rows, dim) CPU tensors in the run's dtype, the first
 // of them at position `start_pos` of `sample`.
 using CaptureSink = std::function<void(uint32_t sample, int64_t layer, int64_t start_pos, torch::Tensor rows)>;

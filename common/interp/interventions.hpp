@@ -7,7 +7,7 @@
 // common/interp/hidden_states applies it to tensors.
 //
 // Layers are numbered globally, 0 .. n_layers-1, whichever node holds them;
-// "embed" (kEmbedLayer, -1, as model.hpp's kEmbeddingLayer) is the output of the
+// "embed" (kEmbedLayer, -1, common/model/layers.hpp) is the output of the
 // token embedding. A layer's hidden state is the residual stream (T, dim) after
 // that layer, the input of the next one.
 //
@@ -44,9 +44,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/model/layers.hpp"
+
 namespace mdi {
 
-inline constexpr int64_t kEmbedLayer = -1;  // the embedding output; = kEmbeddingLayer of model.hpp
 // The header `layer` of a Capture frame of the embedding output.
 inline constexpr uint32_t kEmbedWireLayer = 0xFFFFFFFFu;
 

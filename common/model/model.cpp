@@ -606,7 +606,7 @@ torch::Tensor ModelChunk::residual_stream(const torch::Tensor& input, const std:
 
   // residual stream (rows, dim), in the activation dtype
   torch::Tensor x = spec_.embedding ? embed(input) : activations(input);
-  if (spec_.embedding) apply_hooks(kEmbeddingLayer, x, spans);
+  if (spec_.embedding) apply_hooks(kEmbedLayer, x, spans);
   for (const SequenceSpan& span : spans) span.cache->reserve(span.start_pos + span.n_tokens);
   for (int64_t l = 0; l < spec_.layers.size(); ++l) {
     const LayerWeights& w = weights_.layers[l];

@@ -10,25 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "common/model/layers.hpp"
 #include "common/model/model_config.hpp"
 
 namespace mdi {
-
-// Half-open range [begin, end) of global layer indices.
-struct LayerRange {
-  int64_t begin = 0;
-  int64_t end = 0;
-  int64_t size() const { return end - begin; }
-  bool contains(int64_t layer) const { return layer >= begin && layer < end; }
-  bool operator==(const LayerRange& o) const { return begin == o.begin && end == o.end; }
-};
-
-// What one node holds.
-struct ChunkSpec {
-  LayerRange layers;
-  bool embedding = false;  // token ids in
-  bool head = false;       // final norm + LM head: logits out
-};
 
 struct LayerWeights {
   torch::Tensor attn_norm;  // (dim)
@@ -75,11 +60,10 @@ class KvCache {
 };
 
 // Sees, and may change, the residual stream (T, dim) of one forward pass: after
-// the embedding (layer kEmbeddingLayer) and after each layer (global index).
+// the embedding (layer kEmbedLayer) and after each layer (global index).
 // It is in the chunk's activation dtype (float32 on CPU, the weights' dtype elsewhere).
 // Capture and interventions hook in here, on whichever node holds the layer.
 using LayerHook = std::function<void(int64_t layer, torch::Tensor& hidden)>;
-inline constexpr int64_t kEmbeddingLayer = -1;
 
 struct ContextLengthError : std::runtime_error {
   using std::runtime_error::runtime_error;
