@@ -48,9 +48,6 @@
 
 namespace mdi {
 
-// The header `layer` of a Capture frame of the embedding output.
-inline constexpr uint32_t kEmbedWireLayer = 0xFFFFFFFFu;
-
 // Bad --capture, --interventions or /init "interpretability" input; the message
 // names the flag or file and the JSON path.
 struct InterpretabilityError : std::invalid_argument {

@@ -11,6 +11,7 @@
 
 #include "common/store/checkpoint.hpp"
 #include "common/store/sha256.hpp"
+#include "common/wire/tensor_frames.hpp"
 
 namespace mdi {
 

@@ -40,6 +40,8 @@ inline constexpr uint32_t kFrameMagic = 0x4649444D;  // bytes 4D 44 49 46, "MDIF
 inline constexpr uint16_t kProtocolVersion = 2;  // 2: ActivationBatch and the segments field
 inline constexpr size_t kFrameHeaderBytes = 64;
 inline constexpr size_t kMaxFrameDims = 4;
+// The header `layer` of a Capture frame of the embedding output.
+inline constexpr uint32_t kEmbedWireLayer = 0xFFFFFFFFu;
 
 enum class FrameType : uint16_t {
   Hello = 1,          // first frame in each direction of a ring connection
