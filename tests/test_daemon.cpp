@@ -196,7 +196,7 @@ class HandRing {
   mdi::NodesConfig config_;
   uint64_t run_id_;
   std::unique_ptr<mdi::RingListener> listener_;
-  std::future<std::unique_ptr<mdi::Link>> accepted_;
+  std::future<std::unique_ptr<mdi::TcpLink>> accepted_;
   int fd_ = -1;
 };
 

@@ -149,7 +149,7 @@ Frame float_frame(FrameType type, uint32_t sample_id, size_t n_values) {
   return frame;
 }
 
-Frame pop_or_fail(Link& link, milliseconds timeout = 5s) {
+Frame pop_or_fail(FrameLink& link, milliseconds timeout = 5s) {
   std::optional<Frame> frame = link.inbound().pop(timeout);
   if (!frame) throw std::runtime_error("no frame from " + link.peer() + ": " + link.inbound().error());
   return std::move(*frame);
@@ -163,7 +163,7 @@ sockaddr_in loopback(uint16_t port) {
   return address;
 }
 
-// A peer under the test's control, for what a well-behaved Link never does.
+// A peer under the test's control, for what a well-behaved FrameLink never does.
 class RawPeer {
  public:
   // Connects from 127.0.0.1:source_port to 127.0.0.1:port.
@@ -248,11 +248,11 @@ struct AcceptedRawPeer {
   NodesConfig config;
   RingListener listener;
   std::unique_ptr<RawPeer> peer;
-  std::unique_ptr<Link> link;
+  std::unique_ptr<TcpLink> link;
 };
 
 // Waits for `link` to fail; returns its error.
-std::string wait_for_failure(Link& link, milliseconds timeout) {
+std::string wait_for_failure(FrameLink& link, milliseconds timeout) {
   EXPECT_FALSE(link.inbound().pop(timeout)) << "expected the link to fail, got a frame";
   EXPECT_TRUE(link.inbound().closed());
   EXPECT_EQ(link.inbound().error(), link.error());
@@ -340,7 +340,7 @@ TEST(Transport, FullInboundQueueStopsTheReader) {
   for (uint32_t sample = 0; sample < 8; ++sample)
     ring[0].to_next->send(float_frame(FrameType::Activations, sample, 16), 5s);
   ASSERT_TRUE(ring[0].to_next->flush(5s));
-  Link& receiver = *ring[1].from_prev;
+  FrameLink& receiver = *ring[1].from_prev;
   // Two frames queued and one held by the parked reader; the rest waits in the socket.
   ASSERT_TRUE(test::wait_until([&] { return receiver.stats().frames_in == 3; }, 5s));
   EXPECT_EQ(receiver.inbound().size(), 2u);

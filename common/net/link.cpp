@@ -9,9 +9,9 @@
 //     send our Hello, check the next node's
 //                 |                                                   |
 //                 v                                                   v
-//            Link to_next                                       Link from_prev
+//          TcpLink to_next                                     TcpLink from_prev
 //
-//   Every Link: one socket, two threads, two bounded queues.
+//   Every TcpLink: one socket, two threads, two bounded queues.
 //
 //     send() --> [outgoing queue] --> writer thread --> socket --> peer
 //       |                              | idle for timeouts.heartbeat: writes a Heartbeat
@@ -247,9 +247,9 @@ int connect_until(tcp::socket& socket, const tcp::endpoint& remote, Clock::time_
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Link
+// TcpLink
 
-struct Link::Impl {
+struct TcpLink::Impl {
   Impl(tcp::socket connected, std::string peer_name, const RingTimeouts& ring_timeouts, const FrameLimits& frame_limits,
        const LinkOptions& options)
       : socket(std::move(connected)),
@@ -307,7 +307,7 @@ struct Link::Impl {
   std::thread writer;
 };
 
-void Link::Impl::read_loop() {
+void TcpLink::Impl::read_loop() {
   try {
     for (;;) {
       Frame frame = read_frame(fd(), limits, timeouts.receive);
@@ -336,7 +336,7 @@ void Link::Impl::read_loop() {
   }
 }
 
-void Link::Impl::write_loop() {
+void TcpLink::Impl::write_loop() {
   try {
     for (;;) {
       const bool has_frame = outgoing.wait_for_item(timeouts.heartbeat);
@@ -371,7 +371,7 @@ void Link::Impl::write_loop() {
 // thread (a wake-up on another CPU measured ~20 µs on a 2-vCPU VM, a fifth of a ring
 // hop). Bigger frames go through the writer, so that the caller computes while they
 // are written. False when the frame was not written; after a failure the link has ended.
-bool Link::Impl::write_now(const Frame& frame) {
+bool TcpLink::Impl::write_now(const Frame& frame) {
   constexpr size_t kMaxBytes = 64 * 1024;
   if (frame.payload.size() > kMaxBytes) return false;
   std::unique_lock writing(write_mutex, std::try_to_lock);
@@ -387,7 +387,7 @@ bool Link::Impl::write_now(const Frame& frame) {
 }
 
 // Bookkeeping after `frame` went into the socket; write_mutex held.
-void Link::Impl::written(const Frame& frame) {
+void TcpLink::Impl::written(const Frame& frame) {
   last_write = Clock::now();
   const FrameHeader& h = frame.header;
   ++frames_out;
@@ -408,7 +408,7 @@ void Link::Impl::written(const Frame& frame) {
   progress.notify_all();
 }
 
-void Link::Impl::fail(const std::string& what) {
+void TcpLink::Impl::fail(const std::string& what) {
   if (run_stopped) {
     spdlog::debug("ring: link with {} ended after RunStop ({})", peer, what);
     end("");
@@ -417,7 +417,7 @@ void Link::Impl::fail(const std::string& what) {
   }
 }
 
-void Link::Impl::end(const std::string& why) {
+void TcpLink::Impl::end(const std::string& why) {
   {
     std::lock_guard lock(mutex);
     if (ended) return;
@@ -434,17 +434,17 @@ void Link::Impl::end(const std::string& why) {
   if (!why.empty() && on_error) on_error(why);
 }
 
-Link::Link(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+TcpLink::TcpLink(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Link::~Link() = default;
+TcpLink::~TcpLink() = default;
 
-void Link::send(Frame frame, milliseconds timeout) {
+void TcpLink::send(Frame frame, milliseconds timeout) {
   Impl& link = *impl_;
   const FrameType type = frame.header.type;
   if (type == FrameType::Hello || type == FrameType::Heartbeat)
-    throw std::invalid_argument(std::string("Link::send: ") + frame_type_name(type) + " frames are the link's own");
+    throw std::invalid_argument(std::string("TcpLink::send: ") + frame_type_name(type) + " frames are the link's own");
   if (frame.header.payload_bytes != frame.payload.size())
-    throw std::invalid_argument("Link::send: header.payload_bytes is " + std::to_string(frame.header.payload_bytes) +
+    throw std::invalid_argument("TcpLink::send: header.payload_bytes is " + std::to_string(frame.header.payload_bytes) +
                                 " but the payload has " + std::to_string(frame.payload.size()) + " bytes");
   // The peer applies exactly these rules; failing here points at the caller, not the peer.
   uint8_t header[kFrameHeaderBytes];
@@ -474,9 +474,9 @@ void Link::send(Frame frame, milliseconds timeout) {
   throw LinkError(why);
 }
 
-BoundedQueue<Frame>& Link::inbound() { return impl_->inbound; }
+BoundedQueue<Frame>& TcpLink::inbound() { return impl_->inbound; }
 
-bool Link::flush(milliseconds timeout) {
+bool TcpLink::flush(milliseconds timeout) {
   Impl& link = *impl_;
   std::unique_lock lock(link.mutex);
   const uint64_t target = link.frames_queued;
@@ -485,27 +485,27 @@ bool Link::flush(milliseconds timeout) {
   return written();
 }
 
-void Link::close() { impl_->end(""); }
+void TcpLink::close() { impl_->end(""); }
 
-std::string Link::error() const {
+std::string TcpLink::error() const {
   std::lock_guard lock(impl_->mutex);
   return impl_->error;
 }
 
-LinkStats Link::stats() const {
+LinkStats TcpLink::stats() const {
   const Impl& link = *impl_;
   return {link.frames_in, link.frames_out, link.bytes_in, link.bytes_out, link.heartbeats_in, link.heartbeats_out};
 }
 
-const std::string& Link::peer() const { return impl_->peer; }
+const std::string& TcpLink::peer() const { return impl_->peer; }
 
 namespace {
 
-std::unique_ptr<Link> make_link(tcp::socket socket, std::string peer, const NodesConfig& config,
+std::unique_ptr<TcpLink> make_link(tcp::socket socket, std::string peer, const NodesConfig& config,
                                 const LinkOptions& options) {
   const FrameLimits limits{config.max_frame_bytes, options.max_tokens};
-  return std::make_unique<Link>(
-      std::make_unique<Link::Impl>(std::move(socket), std::move(peer), config.timeouts, limits, options));
+  return std::make_unique<TcpLink>(
+      std::make_unique<TcpLink::Impl>(std::move(socket), std::move(peer), config.timeouts, limits, options));
 }
 
 }  // namespace
@@ -546,7 +546,7 @@ void RingListener::cancel() {
   ::shutdown(impl_->acceptor.native_handle(), SHUT_RDWR);
 }
 
-std::unique_ptr<Link> RingListener::accept_prev(uint64_t run_id, const LinkOptions& options) {
+std::unique_ptr<TcpLink> RingListener::accept_prev(uint64_t run_id, const LinkOptions& options) {
   Impl& self = *impl_;
   const NodesConfig& config = self.config;
   const size_t prev_index = config.prev(self.my_index);
@@ -606,7 +606,7 @@ std::unique_ptr<Link> RingListener::accept_prev(uint64_t run_id, const LinkOptio
   }
 }
 
-std::unique_ptr<Link> connect_next(const NodesConfig& config, size_t my_ring_index, uint64_t run_id,
+std::unique_ptr<TcpLink> connect_next(const NodesConfig& config, size_t my_ring_index, uint64_t run_id,
                                    const LinkOptions& options) {
   const size_t next_index = config.next(my_ring_index);
   const NodeEndpoint& me = config.node(my_ring_index);

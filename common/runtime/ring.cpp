@@ -11,25 +11,15 @@ namespace mdi {
 
 namespace {
 using clock = std::chrono::steady_clock;
-// How often a blocked wait looks at its cancel flag.
-constexpr std::chrono::milliseconds kPollInterval{100};
 
 double seconds_since(clock::time_point start) { return std::chrono::duration<double>(clock::now() - start).count(); }
 
 // The next frame from the previous node; nullopt when `cancel` was set. Throws when the link ended.
-std::optional<Frame> next_frame(Link& from_prev, StageStats& stats, const std::atomic<bool>& cancel) {
-  const auto start = clock::now();
-  while (!cancel) {
-    if (auto frame = from_prev.inbound().pop(kPollInterval)) {
-      stats.add_wait(seconds_since(start));
-      return frame;
-    }
-    if (from_prev.inbound().closed()) {
-      const std::string error = from_prev.error();
-      throw LinkError(error.empty() ? "the link from " + from_prev.peer() + " closed before the run ended" : error);
-    }
-  }
-  return std::nullopt;
+std::optional<Frame> next_frame(FrameLink& from_prev, StageStats& stats, const std::atomic<bool>& cancel) {
+  double waited_s = 0;
+  auto frame = from_prev.receive(cancel, waited_s);
+  stats.add_wait(waited_s);
+  return frame;
 }
 }  // namespace
 
@@ -238,16 +228,8 @@ RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector
     stats.set_live_samples(caches.size());
   }
 
-  // The RunStop comes back once every node has passed it on: the ring is drained.
-  links.to_next->send(make_control_frame(FrameType::RunStop), options.send_timeout);
-  const auto deadline = clock::now() + options.drain_timeout;
-  while (clock::now() < deadline) {
-    auto frame = links.from_prev->inbound().pop(kPollInterval);
-    if (frame && frame->header.type == FrameType::RunStop) return run;
-    if (!frame && links.from_prev->inbound().closed()) break;
-  }
-  throw LinkError("the run's stop did not come back around the ring within " +
-                  std::to_string(options.drain_timeout.count()) + " ms (from " + links.from_prev->peer() + ")");
+  stop_ring_run(links, options.send_timeout, options.drain_timeout);
+  return run;
 }
 
 }  // namespace mdi

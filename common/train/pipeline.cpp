@@ -30,24 +30,8 @@ int64_t peak_rss_bytes() {
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // KiB on Linux
 }
 
-// A frame of `queue`, waiting up to `wait`; throws LinkError naming the peer once the link has ended.
-// No wait here is unbounded: a silent peer fails its link after the ring's receive timeout.
-std::optional<Frame> poll(Link& link, std::chrono::milliseconds wait) {
-  if (auto frame = link.inbound().pop(wait)) return frame;
-  if (link.inbound().closed()) {
-    const std::string error = link.error();
-    throw LinkError(error.empty() ? "the link with " + link.peer() + " closed in the middle of training" : error);
-  }
-  return std::nullopt;
-}
-
-Frame wait_frame(Link& link, const std::atomic<bool>& cancel, double& idle_s) {
-  const auto start = clock::now();
-  while (!cancel)
-    if (auto frame = poll(link, std::chrono::milliseconds(100))) {
-      idle_s += seconds_since(start);
-      return std::move(*frame);
-    }
+Frame wait_frame(FrameLink& link, const std::atomic<bool>& cancel, double& idle_s) {
+  if (auto frame = link.receive(cancel, idle_s)) return std::move(*frame);
   throw LinkError("cancelled");
 }
 
@@ -61,7 +45,7 @@ Frame rows_frame(FrameType type, int64_t micro_batch, int64_t step, const torch:
 
 // The rows of an Activations or Gradients frame, checked to be the one this node waits for.
 torch::Tensor frame_rows(const Frame& frame, FrameType type, int64_t micro_batch, int64_t step, const ModelChunk& chunk,
-                         const Link& from) {
+                         const FrameLink& from) {
   const auto& h = frame.header;
   if (h.type != type || h.sample_id != micro_batch || h.step != static_cast<uint64_t>(step))
     throw ProtocolError(std::string("expected ") + frame_type_name(type) + " of micro-batch " + std::to_string(micro_batch) + " of step " +
@@ -77,7 +61,7 @@ Frame scalars_frame(int64_t step, std::vector<float> values) {
   return frame;
 }
 
-std::vector<float> frame_scalars(const Frame& frame, size_t n, int64_t step, const Link& from) {
+std::vector<float> frame_scalars(const Frame& frame, size_t n, int64_t step, const FrameLink& from) {
   const auto& h = frame.header;
   if (h.type != FrameType::ControlScalar || h.dtype != WireDType::F32 || h.ndim != 1 || h.shape[0] != n ||
       h.step != static_cast<uint64_t>(step))
@@ -161,8 +145,8 @@ StepFigures StarterPipeline::step(int64_t step, const std::vector<MicroBatch>& m
   const auto M = static_cast<int64_t>(micro_batches.size());
   const int64_t limit = starter_in_flight_limit(plan_.schedule, static_cast<int64_t>(n_nodes_), M);
   const int64_t batch_tokens = total_rows(micro_batches);
-  Link& to_next = *links_.to_next;
-  Link& from_prev = *links_.from_prev;
+  FrameLink& to_next = *links_.to_next;
+  FrameLink& from_prev = *links_.from_prev;
 
   std::map<int64_t, torch::Tensor> first_stage_out;  // awaiting their gradients
   struct HeadPending {
@@ -182,8 +166,8 @@ StepFigures StarterPipeline::step(int64_t step, const std::vector<MicroBatch>& m
   };
 
   while (backward_done < M) {
-    if (!activations) activations = poll(from_prev, std::chrono::milliseconds(0));
-    if (!gradients) gradients = poll(to_next, std::chrono::milliseconds(0));
+    if (!activations) activations = from_prev.receive(std::chrono::milliseconds(0));
+    if (!gradients) gradients = to_next.receive(std::chrono::milliseconds(0));
     if (activations) {
       // the last secondary's output: head and loss; under 1F1B its backward at once
       auto start = clock::now();
@@ -219,8 +203,8 @@ StepFigures StarterPipeline::step(int64_t step, const std::vector<MicroBatch>& m
       me.backward_s += seconds_since(start);
     } else {
       const auto start = clock::now();
-      activations = poll(from_prev, kPoll);
-      if (!activations) gradients = poll(to_next, kPoll);
+      activations = from_prev.receive(kPoll);
+      if (!activations) gradients = to_next.receive(kPoll);
       me.idle_s += seconds_since(start);
     }
   }
@@ -257,13 +241,7 @@ double StarterPipeline::evaluate(int64_t step, const std::vector<MicroBatch>& mi
   return loss;
 }
 
-void StarterPipeline::finish(std::chrono::milliseconds timeout) {
-  links_.to_next->send(make_control_frame(FrameType::RunStop), send_timeout_);
-  const auto deadline = clock::now() + timeout;
-  while (clock::now() < deadline)
-    if (auto frame = poll(*links_.from_prev, std::chrono::milliseconds(100)); frame && frame->header.type == FrameType::RunStop) return;
-  throw LinkError("the run's stop did not come back around the ring within " + std::to_string(timeout.count()) + " ms");
-}
+void StarterPipeline::finish(std::chrono::milliseconds timeout) { stop_ring_run(links_, send_timeout_, timeout); }
 
 void SecondaryTrainingStatus::set_step(int64_t step, const StageStepFigures& figures) {
   std::lock_guard lock(mutex_);
@@ -295,8 +273,8 @@ void run_secondary_training(ModelChunk& chunk, RingLinks& links, const TrainingP
     spdlog::info("resumed from {} after {} steps", plan.resume_file, optimizer.steps_taken());
   }
   const auto ops = secondary_schedule(plan.schedule, static_cast<int64_t>(n_nodes), static_cast<int64_t>(ring_index), plan.micro_batches);
-  Link& from_prev = *links.from_prev;
-  Link& to_next = *links.to_next;
+  FrameLink& from_prev = *links.from_prev;
+  FrameLink& to_next = *links.to_next;
   int64_t finished = plan.first_step - 1;
   for (;;) {
     StageStepFigures figures;
