@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "common/net/bounded_queue.hpp"
+#include "common/net/in_process_link.hpp"
 #include "tests/support.hpp"
 
 namespace mdi {
@@ -466,6 +467,60 @@ TEST(Transport, ConnectGivesUpAtTheDeadlineNamingTheAddress) {
 TEST(Transport, StandaloneHasNoRing) {
   NodesConfig config = loopback_ring(1);
   EXPECT_THROW(connect_ring(config, 0, kRunId), RingSetupError);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-process fake behaves as a TcpLink does where the ring's loops can tell.
+
+TEST(InProcessLink, DeliversInOrderBothWaysAndEndsAfterRunStop) {
+  auto link = make_in_process_link("starter", "secondary 0", 4);
+  EXPECT_EQ(link.a->peer(), "secondary 0");
+  EXPECT_EQ(link.b->peer(), "starter");
+  for (uint32_t i = 0; i < 3; ++i) link.a->send(float_frame(FrameType::Activations, i, 8), 1s);
+  link.b->send(float_frame(FrameType::Gradients, 9, 8), 1s);
+  for (uint32_t i = 0; i < 3; ++i) EXPECT_EQ(pop_or_fail(*link.b).header.sample_id, i);
+  EXPECT_EQ(pop_or_fail(*link.a).header.type, FrameType::Gradients);
+  EXPECT_EQ(link.a->stats().frames_out, 3u);
+  EXPECT_EQ(link.b->stats().frames_in, 3u);
+  EXPECT_THROW(link.a->send(make_hello_frame({0, 2, kRunId}), 1s), std::invalid_argument);
+
+  link.a->send(make_control_frame(FrameType::RunStop), 1s);
+  EXPECT_THROW(link.a->send(make_control_frame(FrameType::SampleStop), 1s), LinkError);
+  EXPECT_EQ(pop_or_fail(*link.b).header.type, FrameType::RunStop);
+  try {
+    link.b->receive(1s);
+    FAIL() << "a frame after RunStop";
+  } catch (const LinkError& e) {
+    EXPECT_EQ(std::string(e.what()), "the link with starter closed before the run ended");
+  }
+  EXPECT_EQ(link.b->error(), "");
+}
+
+TEST(InProcessLink, FailureReachesBothEndsAfterTheQueuedFrames) {
+  auto link = make_in_process_link("starter", "secondary 0", 2);
+  link.a->send(float_frame(FrameType::Activations, 1, 8), 1s);
+  link.a->send(float_frame(FrameType::Activations, 2, 8), 1s);
+  EXPECT_THROW(link.a->send(float_frame(FrameType::Activations, 3, 8), 50ms), LinkError) << "a full queue took a third frame";
+  link.b->fail("secondary 0: peer closed the connection");
+  EXPECT_EQ(pop_or_fail(*link.b).header.sample_id, 1u);
+  EXPECT_EQ(pop_or_fail(*link.b).header.sample_id, 2u);
+  for (FrameLink* end : {static_cast<FrameLink*>(link.a.get()), static_cast<FrameLink*>(link.b.get())}) {
+    EXPECT_EQ(end->error(), "secondary 0: peer closed the connection");
+    EXPECT_THROW(end->receive(1s), LinkError);
+    EXPECT_THROW(end->send(float_frame(FrameType::Activations, 4, 8), 1s), LinkError);
+  }
+}
+
+TEST(InProcessLink, ReceiveUntilCancelledReturnsNothingOnceCancelled) {
+  auto link = make_in_process_link("a", "b");
+  std::atomic<bool> cancel{true};
+  double waited_s = 0;
+  EXPECT_FALSE(link.b->receive(cancel, waited_s));
+  link.a->send(float_frame(FrameType::Activations, 5, 8), 1s);
+  cancel = false;
+  auto frame = link.b->receive(cancel, waited_s);
+  ASSERT_TRUE(frame);
+  EXPECT_EQ(frame->header.sample_id, 5u);
 }
 
 }  // namespace
