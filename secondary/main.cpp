@@ -37,20 +37,14 @@ struct OwnConfig {
 };
 
 OwnConfig read_own_config(const std::string& path, size_t index) {
-  std::ifstream in(path);
-  if (!in) throw std::invalid_argument("--nodes-config " + path + ": cannot open");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const std::exception& e) {
-    throw std::invalid_argument(path + ": malformed JSON: " + e.what());
-  }
-  if (mdi::is_single_secondary_object(j)) return {mdi::parse_secondary_only(j, path), j.value("auth_token", std::string())};
+  const nlohmann::json j = mdi::read_nodes_config_json(path);
+  if (mdi::is_single_secondary_object(j))
+    return {mdi::parse_secondary_only(j, path), mdi::auth_token_or_env(j.value("auth_token", std::string()))};
   auto config = mdi::parse_nodes_config(j, path);
   if (index >= config.secondaries.size())
     throw std::invalid_argument(path + " lists " + std::to_string(config.secondaries.size()) + " secondaries; there is no index " +
                                 std::to_string(index));
-  return {config.secondaries[index], config.auth_token};
+  return {config.secondaries[index], mdi::auth_token_or_env(config.auth_token)};
 }
 
 int run(const SecondaryCli& cli) {
@@ -62,8 +56,7 @@ int run(const SecondaryCli& cli) {
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   mdi::init_torch_runtime(cli.threads);
-  OwnConfig own = read_own_config(cli.nodes_config, cli.index);
-  if (const char* token = std::getenv("MDI_TOKEN"); token && *token) own.auth_token = token;
+  const OwnConfig own = read_own_config(cli.nodes_config, cli.index);
 
   mdi::SecondaryOptions options;
   options.secondary_index = cli.index;

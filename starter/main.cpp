@@ -10,7 +10,6 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
-#include <random>
 
 #include "common/store/checkpoint.hpp"
 #include "common/runtime/generation.hpp"
@@ -22,6 +21,7 @@
 #include "common/runtime/ring.hpp"
 #include "common/runtime/starter_cluster.hpp"
 #include "common/runtime/sample_progress.hpp"
+#include "common/store/atomic_file.hpp"
 #include "common/model/tokenizer/tokenizer.hpp"
 #include "common/runtime/torch_runtime.hpp"
 #include "starter/train_command.hpp"
@@ -241,7 +241,6 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
 
   mdi::Cluster cluster(nodes, nodes_json);
   mdi::RunSettings settings;
-  settings.run_id = std::random_device{}() | (uint64_t(std::random_device{}()) << 32);
   settings.dtype = mdi::dtype_name(dtype);
   settings.device = opt.device_given ? opt.device : "";
   settings.max_seq_len = config.max_seq_len;
@@ -309,16 +308,8 @@ int run(const StarterOptions& opt) {
   check_hidden_state_flags(opt);
   mdi::init_torch_runtime(opt.threads);
   if (opt.nodes_config.empty()) return run_standalone(opt, mdi::parse_device(opt.device));
-  std::ifstream in(opt.nodes_config);
-  if (!in) throw std::invalid_argument("--nodes-config " + opt.nodes_config + ": cannot open");
   nlohmann::json nodes_json;
-  try {
-    nodes_json = nlohmann::json::parse(in);
-  } catch (const std::exception& e) {
-    throw std::invalid_argument(opt.nodes_config + ": malformed JSON: " + e.what());
-  }
-  mdi::NodesConfig nodes = mdi::parse_nodes_config(nodes_json, opt.nodes_config);
-  if (const char* token = std::getenv("MDI_TOKEN"); token && *token) nodes.auth_token = token;
+  const mdi::NodesConfig nodes = mdi::load_nodes_config(opt.nodes_config, &nodes_json);
   // --device on the command line wins over the node's configured device.
   const std::string device = opt.device_given || nodes.starter.device.empty() ? opt.device : nodes.starter.device;
   if (nodes.secondaries.empty()) return run_standalone(opt, mdi::parse_device(device));

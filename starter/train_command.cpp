@@ -7,7 +7,6 @@
 #include <fstream>
 #include <map>
 #include <mutex>
-#include <random>
 
 #include "common/store/checkpoint.hpp"
 #include "common/net/http/control_plane.hpp"
@@ -15,6 +14,7 @@
 #include "common/store/model_store.hpp"
 #include "common/wire/nodes_config.hpp"
 #include "common/runtime/sample_progress.hpp"
+#include "common/store/atomic_file.hpp"
 #include "common/store/sha256.hpp"
 #include "common/runtime/starter_cluster.hpp"
 #include "common/model/tokenizer/tokenizer.hpp"
@@ -36,15 +36,7 @@ std::string duration_text(double seconds) {
 
 std::optional<mdi::NodesConfig> read_nodes_config(const std::string& path, nlohmann::json& json) {
   if (path.empty()) return std::nullopt;
-  std::ifstream in(path);
-  if (!in) throw std::invalid_argument("--nodes-config " + path + ": cannot open");
-  try {
-    json = nlohmann::json::parse(in);
-  } catch (const std::exception& e) {
-    throw std::invalid_argument(path + ": malformed JSON: " + e.what());
-  }
-  auto nodes = mdi::parse_nodes_config(json, path);
-  if (const char* token = std::getenv("MDI_TOKEN"); token && *token) nodes.auth_token = token;
+  auto nodes = mdi::load_nodes_config(path, &json);
   if (nodes.secondaries.empty()) return std::nullopt;
   return nodes;
 }
@@ -290,7 +282,6 @@ class TrainingRun {
     const size_t n_nodes = nodes.n_nodes();
     mdi::Cluster cluster(nodes, nodes_json_);
     mdi::RunSettings settings;
-    settings.run_id = std::random_device{}() | (uint64_t(std::random_device{}()) << 32);
     settings.dtype = "float32";
     settings.device = "cpu";
     settings.max_seq_len = split_.model.max_seq_len;

@@ -142,15 +142,4 @@ nlohmann::json results_json(const std::vector<SampleProgress>& samples, const To
   return out;
 }
 
-void write_file_atomic(const std::string& path, const std::string& content) {
-  const std::string partial = path + ".partial";
-  {
-    std::ofstream out(partial, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error(path + ": cannot open for writing");
-    out << content;
-    if (!out) throw std::runtime_error(path + ": write failed");
-  }
-  std::filesystem::rename(partial, path);
-}
-
 }  // namespace mdi

@@ -77,7 +77,4 @@ std::string sample_text(const Tokenizer& tokenizer, const std::vector<int64_t>& 
 nlohmann::json results_json(const std::vector<SampleProgress>& samples, const Tokenizer& tokenizer, const RunStats& stats,
                             const nlohmann::json* extra_stats = nullptr);
 
-// Writes `content` to `path` atomically (temporary file, then rename).
-void write_file_atomic(const std::string& path, const std::string& content);
-
 }  // namespace mdi

@@ -1,6 +1,7 @@
 #include "common/runtime/starter_cluster.hpp"
 
 #include <future>
+#include <random>
 
 #include <spdlog/spdlog.h>
 
@@ -8,6 +9,11 @@
 #include "common/wire/init_request.hpp"
 
 namespace mdi {
+
+uint64_t new_run_id() {
+  std::random_device os;
+  return os() | (uint64_t{os()} << 32);
+}
 
 namespace fs = std::filesystem;
 

@@ -20,8 +20,12 @@ struct ClusterError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// 64 bits from the operating system's random source: one run's id, which a stale
+// node or a second starter cannot hit by chance.
+uint64_t new_run_id();
+
 struct RunSettings {
-  uint64_t run_id = 0;
+  uint64_t run_id = new_run_id();
   std::string dtype;           // of the whole run
   std::string device;          // non-empty: every secondary uses it (--device on the starter)
   int64_t max_seq_len = 0;

@@ -1,8 +1,6 @@
 #include "common/store/checkpoint.hpp"
 
-#include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -95,32 +93,6 @@ torch::ScalarType torch_dtype(const std::string& name) {
 // ---------------------------------------------------------------- llama2.c
 
 namespace {
-// A read-only memory map of a whole file.
-class MappedFile {
- public:
-  explicit MappedFile(const fs::path& path) {
-    int fd = ::open(path.c_str(), O_RDONLY);
-    if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
-    struct stat st {};
-    ::fstat(fd, &st);
-    size_ = static_cast<size_t>(st.st_size);
-    if (size_ > 0) data_ = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
-    ::close(fd);
-    if (data_ == MAP_FAILED) fail(path, std::string("mmap failed: ") + std::strerror(errno));
-  }
-  ~MappedFile() {
-    if (data_ && data_ != MAP_FAILED) ::munmap(data_, size_);
-  }
-  MappedFile(const MappedFile&) = delete;
-  MappedFile& operator=(const MappedFile&) = delete;
-  const uint8_t* data() const { return static_cast<const uint8_t*>(data_); }
-  size_t size() const { return size_; }
-
- private:
-  void* data_ = nullptr;
-  size_t size_ = 0;
-};
-
 // HF's permute for q/k rows: llama2.c (like Meta's checkpoints) rotates adjacent
 // pairs (x0, x1), (x2, x3)…; Hugging Face rotates the halves (x0, x_{d/2})….
 torch::Tensor interleaved_to_half_split(const torch::Tensor& w, int64_t n_heads) {

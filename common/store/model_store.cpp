@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
-#include "common/runtime/sample_progress.hpp"
+#include "common/store/atomic_file.hpp"
 
 namespace mdi {
 

@@ -1,10 +1,5 @@
 #include "common/store/safetensors.hpp"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -39,24 +34,10 @@ int64_t TensorInfo::numel() const {
   return n;
 }
 
-SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
-  struct stat st {};
-  ::fstat(fd, &st);
-  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
-  if (file_size < 8) {
-    ::close(fd);
-    fail(path, "truncated safetensors file (" + std::to_string(file_size) + " bytes, no header length)");
-  }
-  mapping_ = ::mmap(nullptr, file_size, PROT_READ, MAP_SHARED, fd, 0);
-  ::close(fd);
-  if (mapping_ == MAP_FAILED) {
-    mapping_ = nullptr;
-    fail(path, std::string("mmap failed: ") + std::strerror(errno));
-  }
-  mapping_size_ = file_size;
-  const auto* bytes = static_cast<const uint8_t*>(mapping_);
+SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path), file_(path) {
+  const uint64_t file_size = file_.size();
+  if (file_size < 8) fail(path, "truncated safetensors file (" + std::to_string(file_size) + " bytes, no header length)");
+  const uint8_t* bytes = file_.data();
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
   if (header_len > kMaxHeaderBytes || header_len > file_size - 8)
@@ -110,10 +91,6 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
     index_[name] = tensors_.size();
     tensors_.push_back(std::move(info));
   }
-}
-
-SafetensorsFile::~SafetensorsFile() {
-  if (mapping_) ::munmap(mapping_, mapping_size_);
 }
 
 const TensorInfo* SafetensorsFile::find(const std::string& name) const {

@@ -11,11 +11,9 @@
 #include <string>
 #include <vector>
 
-namespace mdi {
+#include "common/store/mapped_file.hpp"
 
-struct CheckpointError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+namespace mdi {
 
 // Element types this project reads and writes ("F32", "BF16", "F16", "I32", "I64").
 size_t safetensors_dtype_size(const std::string& dtype);
@@ -34,7 +32,6 @@ class SafetensorsFile {
   // Validates the header against the file size before anything is mapped: a
   // corrupt or truncated file throws CheckpointError naming the path and problem.
   explicit SafetensorsFile(const std::filesystem::path& path);
-  ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
@@ -50,9 +47,8 @@ class SafetensorsFile {
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
-  void* mapping_ = nullptr;
-  size_t mapping_size_ = 0;
-  const uint8_t* data_ = nullptr;
+  MappedFile file_;
+  const uint8_t* data_ = nullptr;  // the data section, within file_
 };
 
 // Writes a safetensors file one tensor at a time, in the order declared, so a

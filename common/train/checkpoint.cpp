@@ -5,8 +5,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/store/atomic_file.hpp"
 #include "common/store/model_store.hpp"
-#include "common/runtime/sample_progress.hpp"
 #include "common/store/sha256.hpp"
 #include "common/train/stage.hpp"
 

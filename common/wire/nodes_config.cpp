@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <stdexcept>
@@ -209,16 +210,27 @@ NodesConfig parse_nodes_config(const json& j, const std::string& where) {
   return config;
 }
 
-NodesConfig load_nodes_config(const std::filesystem::path& path) {
+json read_nodes_config_json(const std::filesystem::path& path) {
   std::ifstream file(path);
   if (!file) throw ConfigError(path.string() + ": cannot open the nodes-config file");
-  json j;
   try {
-    j = json::parse(file);
+    return json::parse(file);
   } catch (const json::parse_error& e) {
     throw ConfigError(path.string() + ": invalid JSON: " + e.what());
   }
-  return parse_nodes_config(j, path.string());
+}
+
+std::string auth_token_or_env(const std::string& configured) {
+  const char* token = std::getenv("MDI_TOKEN");
+  return token && *token ? token : configured;
+}
+
+NodesConfig load_nodes_config(const std::filesystem::path& path, json* as_written) {
+  json j = read_nodes_config_json(path);
+  NodesConfig config = parse_nodes_config(j, path.string());
+  config.auth_token = auth_token_or_env(config.auth_token);
+  if (as_written) *as_written = std::move(j);
+  return config;
 }
 
 bool is_single_secondary_object(const json& j) {

@@ -67,7 +67,15 @@ struct NodesConfig {
 // Throws ConfigError naming `where` and the JSON path of the bad field, e.g.
 // "config.json: nodes.secondary[1].inference.port_in: expected an integer 1..65535".
 NodesConfig parse_nodes_config(const nlohmann::json& j, const std::string& where);
-NodesConfig load_nodes_config(const std::filesystem::path& path);
+// A nodes-config file's JSON as written (the starter forwards it to the secondaries).
+// Throws ConfigError naming the file.
+nlohmann::json read_nodes_config_json(const std::filesystem::path& path);
+// The control plane's shared secret: MDI_TOKEN when it is set, so that the secret
+// need not sit in a file every node reads; else `configured`, the file's.
+std::string auth_token_or_env(const std::string& configured);
+// The file, parsed, with auth_token_or_env() applied: how every command reads
+// --nodes-config. `as_written`, when given, receives the JSON.
+NodesConfig load_nodes_config(const std::filesystem::path& path, nlohmann::json* as_written = nullptr);
 
 // A secondary's own object, the form MDI-LLM's secondaries may be started with.
 bool is_single_secondary_object(const nlohmann::json& j);
