@@ -80,6 +80,8 @@ TEST(Safetensors, CorruptAndTruncatedFilesAreRefusedWithThePathAndProblem) {
     auto msg = error_of([&] { mdi::SafetensorsFile f(path); });
     EXPECT_NE(msg.find(path.string()), std::string::npos) << msg;
     EXPECT_NE(msg.find(c.expect), std::string::npos) << msg;
+    // A refused file leaves no mapping behind (one leaked per refusal before MappedFile).
+    EXPECT_EQ(mdi::test::read_file("/proc/self/maps").find(path.string()), std::string::npos) << c.expect;
   }
 }
 
