@@ -1,4 +1,5 @@
 #include "common/model/sampling.hpp"
+#include "common/runtime/sample_progress.hpp"
 
 #include <map>
 
@@ -52,6 +53,63 @@ TEST(Sampling, SampleSeedsDifferPerIndex) {
 TEST(Sampling, BadParametersAreRejected) {
   EXPECT_THROW(mdi::Sampler({-1.0f, 0, 1.0f}, 0), std::invalid_argument);
   EXPECT_THROW(mdi::Sampler({1.0f, 0, 0.0f}, 0), std::invalid_argument);
+}
+
+// A sample's bookkeeping, the same in standalone runs and on the ring: which
+// tokens the next pass feeds, and why it stops.
+mdi::ModelConfig context_of(int64_t max_seq_len) {
+  mdi::ModelConfig config;
+  config.vocab_size = 4;
+  config.max_seq_len = max_seq_len;
+  config.stop_token_ids = {2};
+  return config;
+}
+
+std::vector<float> logits_for(int64_t token) {
+  std::vector<float> logits(4, 0.0f);
+  logits[token] = 5.0f;
+  return logits;
+}
+
+mdi::SampleProgress greedy_sample(std::vector<int64_t> prompt, int64_t max_new, const mdi::ModelConfig& config) {
+  return mdi::SampleProgress(0, "p", std::move(prompt), max_new, mdi::Sampler({0.0f, 0, 1.0f}, 1), config);
+}
+
+TEST(SampleProgress, FeedsThePromptThenOneTokenPerStep) {
+  const auto config = context_of(64);
+  auto s = greedy_sample({1, 3, 3}, 5, config);
+  EXPECT_EQ(s.pending_pos(), 0);
+  EXPECT_EQ(s.pending_count(), 3);
+  EXPECT_EQ(s.pending_input(), (std::vector<int64_t>{1, 3, 3}));
+  s.mark_fed();
+  EXPECT_EQ(s.advance(logits_for(3).data(), 4), 3);
+  EXPECT_EQ(s.pending_pos(), 3);
+  EXPECT_EQ(s.pending_input(), (std::vector<int64_t>{3}));
+  EXPECT_TRUE(s.running());
+  EXPECT_EQ(s.generated(), 1);
+}
+
+TEST(SampleProgress, StopsAtAStopTokenAtTheLengthAndAtTheContext) {
+  const auto config = context_of(64);
+  auto eos = greedy_sample({1}, 5, config);
+  eos.advance(logits_for(2).data(), 4);
+  EXPECT_EQ(eos.stop_reason(), mdi::StopReason::eos);
+  EXPECT_EQ(eos.tokens(), (std::vector<int64_t>{1, 2})) << "the stop token is kept";
+
+  auto length = greedy_sample({1}, 2, config);
+  length.advance(logits_for(3).data(), 4);
+  EXPECT_TRUE(length.running());
+  length.advance(logits_for(3).data(), 4);
+  EXPECT_EQ(length.stop_reason(), mdi::StopReason::length);
+
+  const auto small = context_of(3);
+  auto context = greedy_sample({1, 3}, 10, small);
+  context.advance(logits_for(3).data(), 4);
+  EXPECT_EQ(context.stop_reason(), mdi::StopReason::context);
+  EXPECT_EQ(context.tokens().size(), 3u);
+
+  EXPECT_EQ(greedy_sample({1}, 0, config).stop_reason(), mdi::StopReason::length) << "no tokens asked for";
+  EXPECT_THROW(greedy_sample({1, 3, 3, 3}, 1, small), std::invalid_argument);
 }
 
 }  // namespace
