@@ -120,4 +120,18 @@ bool wait_until(const std::function<bool()>& condition, std::chrono::millisecond
   return true;
 }
 
+nlohmann::json loopback_nodes_config(size_t n_nodes, const nlohmann::json& timeouts) {
+  auto node = [](bool secondary) {
+    nlohmann::json n = {{"addr", "127.0.0.1"},
+                        {"communication", {{"port", free_tcp_port()}}},
+                        {"inference", {{"port_in", free_tcp_port()}, {"port_out", free_tcp_port()}}}};
+    if (secondary) n["communication"]["starter_addr"] = "127.0.0.1";
+    return n;
+  };
+  nlohmann::json config = {{"nodes", {{"starter", node(false)}, {"secondary", nlohmann::json::array()}}}};
+  for (size_t i = 1; i < n_nodes; ++i) config["nodes"]["secondary"].push_back(node(true));
+  config["timeouts"] = timeouts;
+  return config;
+}
+
 }  // namespace mdi::test

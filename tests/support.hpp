@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 namespace mdi::test {
 
@@ -68,6 +69,22 @@ class ChildProcess {
 };
 
 std::string read_file(const std::filesystem::path& path);
+
+// The message of the `Error` that `call` throws, or "" when it throws none (other
+// exceptions go on up, failing the test).
+template <class Error, class F>
+std::string error_of(F&& call) {
+  try {
+    call();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// A nodes-config of `n_nodes` (the starter and n_nodes - 1 secondaries) on loopback,
+// every port free, with these "timeouts".
+nlohmann::json loopback_nodes_config(size_t n_nodes, const nlohmann::json& timeouts);
 
 // Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
 bool wait_until(const std::function<bool()>& condition, std::chrono::milliseconds timeout);

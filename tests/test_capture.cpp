@@ -40,15 +40,7 @@ class Capture : public ::testing::Test {
 
   // A loopback nodes-config of 3 nodes on free ports.
   fs::path write_config(const std::string& name) {
-    auto node = [](bool secondary) {
-      nlohmann::json n = {{"addr", "127.0.0.1"},
-                          {"communication", {{"port", mdi::test::free_tcp_port()}}},
-                          {"inference", {{"port_in", mdi::test::free_tcp_port()}, {"port_out", mdi::test::free_tcp_port()}}}};
-      if (secondary) n["communication"]["starter_addr"] = "127.0.0.1";
-      return n;
-    };
-    nlohmann::json config = {{"nodes", {{"starter", node(false)}, {"secondary", {node(true), node(true)}}}}};
-    config["timeouts"] = {{"connect_s", 20}, {"accept_s", 20}, {"receive_s", 20}, {"http_init_s", 30}};
+    const auto config = mdi::test::loopback_nodes_config(3, {{"connect_s", 20}, {"accept_s", 20}, {"receive_s", 20}, {"http_init_s", 30}});
     const fs::path file = path(name + ".json");
     std::ofstream(file) << config.dump(2);
     return file;

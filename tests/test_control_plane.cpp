@@ -16,6 +16,7 @@
 #include "tests/support.hpp"
 
 namespace {
+using mdi::test::error_of;
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
@@ -27,15 +28,6 @@ using mdi::HttpRequest;
 using mdi::HttpResponse;
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
-
-std::string error_of(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const mdi::ControlPlaneError& e) {
-    return e.what();
-  }
-  return "(no ControlPlaneError)";
-}
 
 ControlServerOptions loopback_options() {
   ControlServerOptions options;
@@ -461,13 +453,13 @@ TEST(ControlServer, BindFailureNamesTheAddress) {
   auto options = loopback_options();
   options.port = first.port();
   ControlServer second(options);
-  std::string error = error_of([&] { second.start(); });
+  std::string error = error_of<mdi::ControlPlaneError>([&] { second.start(); });
   EXPECT_TRUE(contains(error, "127.0.0.1:" + std::to_string(first.port()))) << error;
 }
 
 TEST(ControlClient, ClosedPortThrowsNamingHostPortAndCause) {
   const int port = mdi::test::free_tcp_port();
-  std::string error = error_of([&] { ControlClient("127.0.0.1", port).request("GET", "/ping"); });
+  std::string error = error_of<mdi::ControlPlaneError>([&] { ControlClient("127.0.0.1", port).request("GET", "/ping"); });
   EXPECT_TRUE(contains(error, "GET 127.0.0.1:" + std::to_string(port) + "/ping")) << error;
   EXPECT_TRUE(contains(error, "refused")) << error;
 }
@@ -485,7 +477,7 @@ TEST(ControlClient, SilentServerTimesOut) {
   ::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length);
 
   const auto start = Clock::now();
-  std::string error = error_of([&] { ControlClient("127.0.0.1", ntohs(address.sin_port), "", 200ms).request("GET", "/ping"); });
+  std::string error = error_of<mdi::ControlPlaneError>([&] { ControlClient("127.0.0.1", ntohs(address.sin_port), "", 200ms).request("GET", "/ping"); });
   auto waited = Clock::now() - start;
   ::close(listener);
   EXPECT_TRUE(contains(error, "no answer within 200 ms")) << error;
@@ -528,7 +520,7 @@ TEST(RequestWithRetry, GivesUpAfterTheDeadlineWithTheLastCause) {
   const int port = mdi::test::free_tcp_port();
   ControlClient client("127.0.0.1", port);
   const auto start = Clock::now();
-  std::string error = error_of([&] { mdi::request_with_retry(client, "GET", "/ping", nullptr, 700ms); });
+  std::string error = error_of<mdi::ControlPlaneError>([&] { mdi::request_with_retry(client, "GET", "/ping", nullptr, 700ms); });
   auto waited = Clock::now() - start;
   EXPECT_TRUE(contains(error, "127.0.0.1:" + std::to_string(port))) << error;
   EXPECT_TRUE(contains(error, "gave up after")) << error;

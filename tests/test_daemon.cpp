@@ -26,16 +26,8 @@ using std::chrono::seconds;
 
 // A loopback nodes-config of n nodes on free ports, with short timeouts.
 nlohmann::json loopback_config(size_t n_nodes, const std::string& auth_token = "", uint64_t max_frame_bytes = 0) {
-  auto node = [](bool secondary) {
-    nlohmann::json n = {{"addr", "127.0.0.1"},
-                        {"communication", {{"port", mdi::test::free_tcp_port()}}},
-                        {"inference", {{"port_in", mdi::test::free_tcp_port()}, {"port_out", mdi::test::free_tcp_port()}}}};
-    if (secondary) n["communication"]["starter_addr"] = "127.0.0.1";
-    return n;
-  };
-  nlohmann::json config = {{"nodes", {{"starter", node(false)}, {"secondary", nlohmann::json::array()}}}};
-  for (size_t i = 1; i < n_nodes; ++i) config["nodes"]["secondary"].push_back(node(true));
-  config["timeouts"] = {{"connect_s", 5}, {"accept_s", 5}, {"receive_s", 3}, {"http_init_s", 20}, {"heartbeat_s", 0.5}};
+  auto config = mdi::test::loopback_nodes_config(
+      n_nodes, {{"connect_s", 5}, {"accept_s", 5}, {"receive_s", 3}, {"http_init_s", 20}, {"heartbeat_s", 0.5}});
   if (!auth_token.empty()) config["auth_token"] = auth_token;
   if (max_frame_bytes) config["max_frame_bytes"] = max_frame_bytes;
   return config;

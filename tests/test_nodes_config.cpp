@@ -33,21 +33,11 @@ json three_nodes() {
   })");
 }
 
-// The ConfigError message of `action`, or "" if it throws none.
-std::string config_error(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const ConfigError& e) {
-    return e.what();
-  }
-  return "";
-}
-
 // What parse_nodes_config says about three_nodes() after `edit`.
 std::string error_after(const std::function<void(json&)>& edit) {
   json j = three_nodes();
   edit(j);
-  return config_error([&] { parse_nodes_config(j, "test.json"); });
+  return test::error_of<ConfigError>([&] { parse_nodes_config(j, "test.json"); });
 }
 
 TEST(NodesConfig, ParsesEveryField) {
@@ -168,7 +158,7 @@ TEST(NodesConfig, SecondaryOnlyObject) {
 
   json bad = own;
   bad["inference"].erase("port_in");
-  EXPECT_EQ(config_error([&] { parse_secondary_only(bad, "secondary.json"); }),
+  EXPECT_EQ(test::error_of<ConfigError>([&] { parse_secondary_only(bad, "secondary.json"); }),
             "secondary.json: inference.port_in: missing required field");
   // The full parser points a user who passed a secondary's object at the right form.
   EXPECT_THROW(parse_nodes_config(own, "secondary.json"), ConfigError);
@@ -208,7 +198,7 @@ TEST(NodesConfig, MdiLlmFilesParseUnchanged) {
 TEST(NodesConfig, FileErrorsNameTheFile) {
   test::ScratchDir dir;
   { std::ofstream(dir / "broken.json") << "{\"nodes\": "; }
-  EXPECT_THAT(config_error([&] { load_nodes_config(dir / "broken.json"); }), HasSubstr("broken.json: invalid JSON"));
+  EXPECT_THAT(test::error_of<ConfigError>([&] { load_nodes_config(dir / "broken.json"); }), HasSubstr("broken.json: invalid JSON"));
   EXPECT_THROW(load_nodes_config(dir / "absent.json"), ConfigError);
 }
 

@@ -6,6 +6,7 @@
 #include "tests/support.hpp"
 
 namespace {
+using mdi::test::error_of;
 
 void write_bytes(const std::filesystem::path& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary);
@@ -17,16 +18,6 @@ std::string with_header(const std::string& json, const std::string& data) {
   uint64_t n = json.size();
   for (int i = 0; i < 8; ++i) out[i] = char(n >> (8 * i));
   return out + json + data;
-}
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const mdi::CheckpointError& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 TEST(Safetensors, WrittenFileReadsBackWithShapesDtypesBytesAndMetadata) {
@@ -48,7 +39,7 @@ TEST(Safetensors, WrittenFileReadsBackWithShapesDtypesBytesAndMetadata) {
   EXPECT_EQ(std::memcmp(f.data(f.at("b")), b.data(), 4), 0);
   EXPECT_EQ(f.metadata().at("format"), "pt");
   EXPECT_EQ(f.find("missing"), nullptr);
-  EXPECT_NE(error_of([&] { f.at("missing"); }).find("missing"), std::string::npos);
+  EXPECT_NE(error_of<mdi::CheckpointError>([&] { f.at("missing"); }).find("missing"), std::string::npos);
 }
 
 TEST(Safetensors, UncommittedWriterLeavesNoFile) {
@@ -77,7 +68,7 @@ TEST(Safetensors, CorruptAndTruncatedFilesAreRefusedWithThePathAndProblem) {
   };
   for (auto& c : cases) {
     write_bytes(path, c.bytes);
-    auto msg = error_of([&] { mdi::SafetensorsFile f(path); });
+    auto msg = error_of<mdi::CheckpointError>([&] { mdi::SafetensorsFile f(path); });
     EXPECT_NE(msg.find(path.string()), std::string::npos) << msg;
     EXPECT_NE(msg.find(c.expect), std::string::npos) << msg;
     // A refused file leaves no mapping behind (one leaked per refusal before MappedFile).

@@ -11,6 +11,7 @@
 #include "tests/support.hpp"
 
 namespace {
+using mdi::test::error_of;
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -29,16 +30,6 @@ const mdi::Tokenizer& tokenizer_at(const std::filesystem::path& path) {
   auto& tokenizer = loaded[path];
   if (!tokenizer) tokenizer = mdi::load_tokenizer(path);
   return *tokenizer;
-}
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const mdi::TokenizerError& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 // What run.c prints for a generated stream: every token's bytes after the first.
@@ -214,7 +205,7 @@ TEST(SentencePieceModel, TrainerAndNormalizerSpecsAreHonoured) {
 TEST(SentencePieceModel, UnsupportedModelsAreRejected) {
   mdi::test::ScratchDir dir;
   const auto path = (dir / "tokenizer.model").string();
-  auto error = [&](const std::string& bytes) { return error_of([&] { load_model(dir, bytes); }); };
+  auto error = [&](const std::string& bytes) { return error_of<mdi::TokenizerError>([&] { load_model(dir, bytes); }); };
   // model_type unset is UNIGRAM.
   EXPECT_THAT(error(small_model("", "")), HasSubstr(path + ": only BPE SentencePiece models are supported; this one is UNIGRAM"));
   EXPECT_THAT(error(small_model(kBpe, bytes_field(1, "nmt_nfkc") + bytes_field(2, "charsmap"))),
@@ -228,7 +219,7 @@ TEST(SentencePieceModel, UnsupportedModelsAreRejected) {
 TEST(SentencePieceModel, CorruptFilesNameThePathAndTheByte) {
   mdi::test::ScratchDir dir;
   const auto path = (dir / "tokenizer.model").string();
-  auto error = [&](const std::string& bytes) { return error_of([&] { load_model(dir, bytes); }); };
+  auto error = [&](const std::string& bytes) { return error_of<mdi::TokenizerError>([&] { load_model(dir, bytes); }); };
   const std::string model = small_model(kBpe, "");
   // Cut anywhere: a truncated field, or (cut between pieces) no trainer_spec.
   // Not the (empty, optional) normalizer_spec at the end: without it the model is whole.
@@ -255,7 +246,7 @@ TEST(SentencePieceModel, TruncatedLlama2ModelNamesThePathAndTheByte) {
   for (size_t size : {size_t{1}, size_t{2}, size_t{100}, model.size() / 3, model.size() - 1}) {
     SCOPED_TRACE(size);
     write_bytes(dir / "tokenizer.model", model.substr(0, size));
-    const std::string error = error_of([&] { mdi::load_tokenizer(dir / "tokenizer.model"); });
+    const std::string error = error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(dir / "tokenizer.model"); });
     EXPECT_THAT(error, HasSubstr((dir / "tokenizer.model").string() + ": not a SentencePiece model: "));
     EXPECT_THAT(error, HasSubstr(" at byte "));
   }
@@ -330,7 +321,7 @@ TEST(Tokenizers, Llama3SpecialTokensStayOutOfTheStreamButNotOutOfDecode) {
 TEST(Tokenizers, IdOutsideTheVocabularyIsAnError) {
   MDI_REQUIRE_SHARED(shared);
   const auto& tokenizer = tokenizer_at(shared / "models/stories260K/tok512.bin");
-  EXPECT_THAT(error_of([&] { tokenizer.token_bytes(1, 512); }), HasSubstr("512"));
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { tokenizer.token_bytes(1, 512); }), HasSubstr("512"));
   EXPECT_THROW(tokenizer.decode({-1}), mdi::TokenizerError);
 }
 
@@ -340,8 +331,8 @@ TEST(Tokenizers, IdOutsideTheVocabularyIsAnError) {
 TEST(LoadTokenizer, MissingFileNamesThePath) {
   mdi::test::ScratchDir dir;
   const auto missing = dir / "nope.bin";
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(missing); }), HasSubstr(missing.string() + ": no such file"));
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(dir.path()); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(missing); }), HasSubstr(missing.string() + ": no such file"));
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(dir.path()); }),
               HasSubstr(dir.path().string() + ": directory holds no tokenizer"));
 }
 
@@ -353,12 +344,12 @@ TEST(LoadTokenizer, TruncatedLlama2cFileNamesThePathAndEntry) {
   bytes[0] = 5;
   bytes += std::string(4, '\0') + std::string("\x05\0\0\0", 4) + "<un";
   write_bytes(path, bytes);
-  const std::string error = error_of([&] { mdi::load_tokenizer(path); });
+  const std::string error = error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(path); });
   EXPECT_THAT(error, HasSubstr(path.string()));
   EXPECT_THAT(error, HasSubstr("truncated entry for token 0"));
 
   write_bytes(path, "\x05");
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(path); }), HasSubstr(path.string() + ": truncated"));
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(path); }), HasSubstr(path.string() + ": truncated"));
 }
 
 TEST(LoadTokenizer, TruncatedRealTokenizerFilesNameThePath) {
@@ -366,25 +357,25 @@ TEST(LoadTokenizer, TruncatedRealTokenizerFilesNameThePath) {
   mdi::test::ScratchDir dir;
   const std::string bin = mdi::test::read_file(shared / "models/stories260K/tok512.bin");
   write_bytes(dir / "tok512.bin", bin.substr(0, bin.size() - 2));
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(dir / "tok512.bin"); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(dir / "tok512.bin"); }),
               HasSubstr((dir / "tok512.bin").string() + ": truncated entry for token 511"));
 
   const std::string model = mdi::test::read_file(shared / "tokenizers/llama2/tokenizer.model");
   write_bytes(dir / "tokenizer.model", model.substr(0, model.size() / 2));
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(dir / "tokenizer.model"); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(dir / "tokenizer.model"); }),
               HasSubstr((dir / "tokenizer.model").string() + ": not a SentencePiece model"));
 }
 
 TEST(LoadTokenizer, UnknownFormatsAreRejected) {
   mdi::test::ScratchDir dir;
   write_bytes(dir / "vocab.txt", "hello");
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(dir / "vocab.txt"); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(dir / "vocab.txt"); }),
               HasSubstr((dir / "vocab.txt").string() + ": unknown tokenizer format"));
   write_bytes(dir / "tokenizer.json", R"({"model": {"type": "WordPiece", "vocab": {}}})");
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(dir / "tokenizer.json"); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(dir / "tokenizer.json"); }),
               HasSubstr("unsupported model type \"WordPiece\""));
   write_bytes(dir / "tokenizer.json", R"({"model": )");
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(dir / "tokenizer.json"); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(dir / "tokenizer.json"); }),
               HasSubstr((dir / "tokenizer.json").string() + ": invalid JSON"));
 }
 
@@ -463,21 +454,21 @@ TEST(HfSentencePieceStyle, TokenizerConfigNamesBosAndEos) {
   EXPECT_EQ(tokenizer->eos_id(), 0);
 
   write_bytes(dir / "tokenizer_config.json", R"({"bos_token": "<bos>"})");
-  EXPECT_THAT(error_of([&] { load_json(dir, sentencepiece_style_tokenizer(kLlama2Normalizer, nullptr)); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { load_json(dir, sentencepiece_style_tokenizer(kLlama2Normalizer, nullptr)); }),
               HasSubstr("bos_token \"<bos>\" is not a token"));
 }
 
 TEST(HfSentencePieceStyle, UnsupportedPipelinesAreRejected) {
   mdi::test::ScratchDir dir;
   const json split_metaspace = {{"type", "Metaspace"}, {"replacement", "▁"}, {"split", true}};
-  EXPECT_THAT(error_of([&] { load_json(dir, sentencepiece_style_tokenizer(nullptr, split_metaspace)); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { load_json(dir, sentencepiece_style_tokenizer(nullptr, split_metaspace)); }),
               HasSubstr("unsupported pre_tokenizer"));
   const json lowercase = {{"type", "Lowercase"}};
-  EXPECT_THAT(error_of([&] { load_json(dir, sentencepiece_style_tokenizer(lowercase, nullptr)); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { load_json(dir, sentencepiece_style_tokenizer(lowercase, nullptr)); }),
               HasSubstr("unsupported normalizer"));
   json unknown_merge = sentencepiece_style_tokenizer(kLlama2Normalizer, nullptr);
   unknown_merge["model"]["merges"].push_back("h x");
-  EXPECT_THAT(error_of([&] { load_json(dir, unknown_merge); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { load_json(dir, unknown_merge); }),
               HasSubstr("merge 3 \"h x\": \"x\" is not in the vocab"));
 }
 
@@ -487,10 +478,10 @@ TEST(LoadTokenizer, DirectoryLoadsTokenizerJsonThenModelThenBin) {
   write_bytes(dir / "tokenizer.bin", "x");
   EXPECT_EQ(load_json(dir, sentencepiece_style_tokenizer(kLlama2Normalizer, nullptr))->vocab_size(), 11);
   std::filesystem::remove(dir / "tokenizer.json");
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(dir.path()); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(dir.path()); }),
               HasSubstr((dir / "tokenizer.model").string() + ": not a SentencePiece model"));
   std::filesystem::remove(dir / "tokenizer.model");
-  EXPECT_THAT(error_of([&] { mdi::load_tokenizer(dir.path()); }),
+  EXPECT_THAT(error_of<mdi::TokenizerError>([&] { mdi::load_tokenizer(dir.path()); }),
               HasSubstr((dir / "tokenizer.bin").string() + ": truncated"));
 }
 
