@@ -8,17 +8,14 @@
 #include <fstream>
 #include <vector>
 
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 #include <spdlog/spdlog.h>
+
+#include "common/net/http/beast.hpp"
 
 namespace mdi {
 namespace {
 
-namespace beast = boost::beast;
-namespace http = beast::http;
-namespace net = boost::asio;
-using tcp = net::ip::tcp;
+using namespace beast_names;
 
 constexpr uint64_t kMaxResponseBodyBytes = 64ull << 20;
 constexpr size_t kUploadBlockBytes = 1 << 20;

@@ -31,20 +31,16 @@
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/strand.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 #include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
+#include "common/net/http/beast.hpp"
 #include "common/store/sha256.hpp"
 
 namespace mdi {
 namespace {
 
-namespace beast = boost::beast;
-namespace http = beast::http;
-namespace net = boost::asio;
-using tcp = net::ip::tcp;
+using namespace beast_names;
 namespace fs = std::filesystem;
 
 constexpr uint32_t kMaxHeaderBytes = 16 * 1024;
