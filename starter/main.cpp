@@ -18,6 +18,7 @@
 #include "common/runtime/logging.hpp"
 #include "common/store/model_store.hpp"
 #include "common/wire/nodes_config.hpp"
+#include "common/net/ring_setup.hpp"
 #include "common/runtime/ring.hpp"
 #include "common/runtime/starter_cluster.hpp"
 #include "common/runtime/sample_progress.hpp"

@@ -21,6 +21,7 @@
 #include "common/runtime/torch_runtime.hpp"
 #include "common/train/checkpoint.hpp"
 #include "common/train/data.hpp"
+#include "common/net/ring_setup.hpp"
 #include "common/train/pipeline.hpp"
 
 namespace {

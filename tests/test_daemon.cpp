@@ -15,7 +15,7 @@
 #include "common/wire/frame.hpp"
 #include "common/wire/init_request.hpp"
 #include "common/store/model_store.hpp"
-#include "common/net/link.hpp"
+#include "common/net/ring_setup.hpp"
 #include "tests/support.hpp"
 
 namespace {

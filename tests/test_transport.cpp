@@ -1,4 +1,4 @@
-#include "common/net/link.hpp"
+#include "common/net/ring_setup.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

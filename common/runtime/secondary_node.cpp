@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/net/ring_setup.hpp"
 #include "common/store/checkpoint.hpp"
 #include "common/store/sha256.hpp"
 
