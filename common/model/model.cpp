@@ -1,251 +1,16 @@
 #include "common/model/model.hpp"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "common/model/kernels/cpu_kernels.hpp"
 
 namespace mdi {
 
 namespace {
-// Cache capacity grows in blocks of this many positions (or doubles, whichever
-// is more), so appends rarely reallocate and short samples stay small.
-constexpr int64_t kCacheBlock = 256;
-
-// ---------------------------------------------------------------------------
-// CPU kernels: float32 activations; weights float32, bfloat16 or float16, widened
-// to float32 as they are read; every sum accumulates in float32. Plain loops
-// except the products, which stream the weights with AVX-512 (or AVX2) where
-// the CPU has it. At the sizes of a tiny model they run on one thread, with no
-// dispatch: the op count, not the arithmetic, decided the speed there.
-
-// Work below this many weight bytes stays on the calling thread.
-constexpr int64_t kParallelBytes = 1 << 17;
-
-#if defined(__x86_64__)
-// GCC 12's intrinsics (_mm512_undefined_*, inside reduce and convert) trip its own
-// -Wuninitialized when inlined: GCC bug 105593, a false positive.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define MDI_AVX512 __attribute__((target("avx512f,fma")))
-#define MDI_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-MDI_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-MDI_AVX512 inline __m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-MDI_AVX512 inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-
-MDI_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-MDI_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-MDI_AVX2 inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-MDI_AVX2 inline float reduce8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// Sums of NR weight rows against NT tokens: one 16-lane accumulator per (row, token),
-// so a 4 x 4 tile loads 8 vectors for 16 multiplies, and 4 row streams keep more weight
-// reads in flight than one. A (row, token) sum is the same in every tile shape, which
-// keeps each sample's numbers independent of its batch.
-template <int NR, int NT, typename W>
-MDI_AVX512 inline void tile_avx512(const W* w, const float* x, int64_t in, float (&sums)[4][4]) {
-  __m512 a[NR][NT];
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NT; ++j) a[r][j] = _mm512_setzero_ps();
-  int64_t i = 0;
-  if constexpr (NR == 1) {
-    // A lone row is one FMA chain per token: the loads of 64 floats go ahead of their
-    // multiplies, or the waiting chain holds the loads back (bf16 decode ran 14% slower).
-    for (; i + 64 <= in; i += 64) {
-      const __m512 w0 = load16(w + i), w1 = load16(w + i + 16), w2 = load16(w + i + 32), w3 = load16(w + i + 48);
-      for (int j = 0; j < NT; ++j) {
-        const float* xt = x + j * in + i;
-        const __m512 x0 = _mm512_loadu_ps(xt), x1 = _mm512_loadu_ps(xt + 16), x2 = _mm512_loadu_ps(xt + 32),
-                     x3 = _mm512_loadu_ps(xt + 48);
-        a[0][j] = _mm512_fmadd_ps(w3, x3, _mm512_fmadd_ps(w2, x2, _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, a[0][j]))));
-      }
-    }
-  }
-  for (; i + 16 <= in; i += 16) {
-    __m512 xv[NT];
-    for (int j = 0; j < NT; ++j) xv[j] = _mm512_loadu_ps(x + j * in + i);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 wv = load16(w + r * in + i);
-      for (int j = 0; j < NT; ++j) a[r][j] = _mm512_fmadd_ps(wv, xv[j], a[r][j]);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NT; ++j) {
-      float s = _mm512_reduce_add_ps(a[r][j]);
-      for (int64_t k = i; k < in; ++k) s += static_cast<float>(w[r * in + k]) * x[j * in + k];
-      sums[r][j] = s;
-    }
-}
-
-// Rows [r, r + NR) of y (T, n) = add + x (T, in) · w (n, in)ᵀ, tokens in blocks of 4.
-template <int NR, typename W>
-MDI_AVX512 inline void tile_rows_avx512(const float* x, int64_t T, const W* w, int64_t in, int64_t n, const float* add, float* y,
-                                        int64_t r) {
-  float sums[4][4];
-  const W* wr = w + r * in;
-  for (int64_t t = 0; t < T; t += 4) {
-    const int64_t nt = std::min<int64_t>(4, T - t);
-    switch (nt) {
-      case 4: tile_avx512<NR, 4>(wr, x + t * in, in, sums); break;
-      case 3: tile_avx512<NR, 3>(wr, x + t * in, in, sums); break;
-      case 2: tile_avx512<NR, 2>(wr, x + t * in, in, sums); break;
-      default: tile_avx512<NR, 1>(wr, x + t * in, in, sums);
-    }
-    for (int k = 0; k < NR; ++k)
-      for (int64_t j = 0; j < nt; ++j) {
-        const int64_t at = (t + j) * n + r + k;
-        y[at] = (add ? add[at] : 0.0f) + sums[k][j];
-      }
-  }
-}
-
-// One or two tokens read one row at a time: a single sequential stream is the fastest
-// read of bf16 weights (4 interleaved rows ran at 60% of its speed for one token).
-// Bigger micro-batches take 4 x 4 tiles: nanollama-304m (2 threads) decoded 8 samples
-// 1.7x (float32) and 1.35x (bfloat16) faster than with blocks of 1 row x 4 tokens
-// with 4 accumulators each, and 1 or 2 samples as fast.
-template <typename W>
-MDI_AVX512 void linear_rows_avx512(const float* x, int64_t T, const W* w, int64_t in, int64_t n, const float* add, float* y,
-                                   int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  if (T <= 2) {
-    for (; r < r1; ++r) tile_rows_avx512<1>(x, T, w, in, n, add, y, r);
-    return;
-  }
-  for (; r + 4 <= r1; r += 4) tile_rows_avx512<4>(x, T, w, in, n, add, y, r);
-  switch (r1 - r) {
-    case 3: return tile_rows_avx512<3>(x, T, w, in, n, add, y, r);
-    case 2: return tile_rows_avx512<2>(x, T, w, in, n, add, y, r);
-    case 1: return tile_rows_avx512<1>(x, T, w, in, n, add, y, r);
-  }
-}
-
-// The AVX2 kernel: rows [r0, r1) of y, one row at a time, so the weights are one
-// sequential stream (measured: four interleaved rows read bf16 at 60% of the speed of
-// one), with four accumulators per token. Tokens go in blocks of 2, sharing each
-// weight load; a token's sums are the same in every block size.
-template <int NT, typename W>
-MDI_AVX2 inline void dot_block_avx2(const W* wr, const float* x, int64_t in, float* sums) {
-  __m256 a[NT][4];
-  for (int j = 0; j < NT; ++j) a[j][0] = a[j][1] = a[j][2] = a[j][3] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= in; i += 32) {
-    const __m256 w0 = load8(wr + i), w1 = load8(wr + i + 8), w2 = load8(wr + i + 16), w3 = load8(wr + i + 24);
-    for (int j = 0; j < NT; ++j) {
-      const float* xt = x + j * in + i;
-      a[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt), a[j][0]);
-      a[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + 8), a[j][1]);
-      a[j][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xt + 16), a[j][2]);
-      a[j][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xt + 24), a[j][3]);
-    }
-  }
-  for (; i + 8 <= in; i += 8) {
-    const __m256 w0 = load8(wr + i);
-    for (int j = 0; j < NT; ++j) a[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * in + i), a[j][0]);
-  }
-  for (int j = 0; j < NT; ++j) {
-    float s = reduce8(_mm256_add_ps(_mm256_add_ps(a[j][0], a[j][1]), _mm256_add_ps(a[j][2], a[j][3])));
-    for (int64_t k = i; k < in; ++k) s += static_cast<float>(wr[k]) * x[j * in + k];
-    sums[j] = s;
-  }
-}
-
-template <typename W>
-MDI_AVX2 void linear_rows_avx2(const float* x, int64_t T, const W* w, int64_t in, int64_t n, const float* add, float* y,
-                               int64_t r0, int64_t r1) {
-  float sums[2];
-  for (int64_t r = r0; r < r1; ++r) {
-    const W* wr = w + r * in;
-    for (int64_t t = 0; t < T; t += 2) {
-      const int64_t nt = std::min<int64_t>(2, T - t);
-      if (nt == 2)
-        dot_block_avx2<2>(wr, x + t * in, in, sums);
-      else
-        dot_block_avx2<1>(wr, x + t * in, in, sums);
-      for (int64_t j = 0; j < nt; ++j) y[(t + j) * n + r] = (add ? add[(t + j) * n + r] : 0.0f) + sums[j];
-    }
-  }
-}
-#pragma GCC diagnostic pop
-#endif
-
-template <typename W>
-void linear_rows_plain(const float* x, int64_t T, const W* w, int64_t in, int64_t n, const float* add, float* y, int64_t r0,
-                       int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t t = 0; t < T; ++t) {
-      float lanes[8] = {};
-      int64_t i = 0;
-      for (; i + 8 <= in; i += 8)
-        for (int j = 0; j < 8; ++j) lanes[j] += static_cast<float>(w[r * in + i + j]) * x[t * in + i + j];
-      float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-      for (; i < in; ++i) s += static_cast<float>(w[r * in + i]) * x[t * in + i];
-      y[t * n + r] = (add ? add[t * n + r] : 0.0f) + s;
-    }
-}
-
-enum class Isa { avx512, avx2, plain };  // best first
-
-// The best kernel set the CPU runs, or a weaker one named by MDI_CPU_KERNELS (avx512,
-// avx2, plain): the tests run each set this machine has.
-Isa cpu_isa() {
-  static const Isa isa = [] {
-#if defined(__x86_64__)
-    const Isa best = __builtin_cpu_supports("avx512f") ? Isa::avx512
-                     : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
-                         ? Isa::avx2
-                         : Isa::plain;
-#else
-    const Isa best = Isa::plain;
-#endif
-    const char* asked = std::getenv("MDI_CPU_KERNELS");
-    if (!asked || !*asked) return best;
-    const std::string name = asked;
-    const Isa wanted = name == "avx512" ? Isa::avx512
-                       : name == "avx2" ? Isa::avx2
-                       : name == "plain"
-                           ? Isa::plain
-                           : throw std::invalid_argument("MDI_CPU_KERNELS=" + name +
-                                                         ": expected avx512, avx2 or plain (or unset: the best this CPU has)");
-    if (wanted < best)
-      throw std::invalid_argument("MDI_CPU_KERNELS=" + name + ": this CPU does not have it; unset the variable or name a weaker set");
-    return wanted;
-  }();
-  return isa;
-}
-
-// y (T, n) = add + x (T, in) · w (n, in)ᵀ; add may be null. Rows of w are split over the threads.
-template <typename W>
-void linear_kernel(const float* x, int64_t T, const W* w, int64_t in, int64_t n, const float* add, float* y) {
-  const int64_t grain = std::max<int64_t>(1, kParallelBytes / std::max<int64_t>(1, in * static_cast<int64_t>(sizeof(W))));
-  const Isa isa = cpu_isa();
-  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
-#if defined(__x86_64__)
-    if (isa == Isa::avx512) return linear_rows_avx512(x, T, w, in, n, add, y, r0, r1);
-    if (isa == Isa::avx2) return linear_rows_avx2(x, T, w, in, n, add, y, r0, r1);
-#endif
-    linear_rows_plain(x, T, w, in, n, add, y, r0, r1);
-  });
-}
-
 // Calls f(pointer) with w's data as float, c10::BFloat16 or c10::Half.
 template <typename F>
 void with_weight_type(const torch::Tensor& w, F&& f) {
@@ -257,74 +22,8 @@ void with_weight_type(const torch::Tensor& w, F&& f) {
   }
 }
 
-// out = x / rms(x) * weight, row by row, as llama2.c computes it.
-template <typename W>
-void rms_norm_kernel(const float* x, int64_t T, int64_t dim, const W* weight, float eps, float* out) {
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xt = x + t * dim;
-    float ss = 0;
-    for (int64_t i = 0; i < dim; ++i) ss += xt[i] * xt[i];
-    const float scale = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
-    for (int64_t i = 0; i < dim; ++i) out[t * dim + i] = static_cast<float>(weight[i]) * (scale * xt[i]);
-  }
-}
-
-// Half-split RoPE, in place, on `heads` heads of head_dim at row stride `stride`, token t at position pos0 + t.
-// cos, sin: (max_seq_len, head_dim / 2)
-void rope_kernel(float* x, int64_t T, int64_t stride, int64_t heads, int64_t hd, int64_t pos0, const float* cos, const float* sin) {
-  const int64_t half = hd / 2;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* c = cos + (pos0 + t) * half;
-    const float* s = sin + (pos0 + t) * half;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = x + t * stride + h * hd;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * c[i] - b * s[i];
-        v[i + half] = b * c[i] + a * s[i];
-      }
-    }
-  }
-}
-
-// Causal attention of T queries (positions pos0 .. pos0 + T - 1) over the cache: for each
-// head, softmax(q·kᵀ / sqrt(hd)) · v. q: (T, n_heads, hd) at row stride q_stride;
-// keys, values: (n_kv, capacity, hd); out: (T, n_heads * hd). Heads are split over the threads.
-void attention_kernel(const float* q, int64_t q_stride, const float* keys, const float* values, int64_t capacity, int64_t T,
-                      int64_t pos0, int64_t n_heads, int64_t n_kv, int64_t hd, float* out) {
-  const int64_t group = n_heads / n_kv, len = pos0 + T;
-  const float scale = std::sqrt(static_cast<float>(hd));
-  const int64_t grain = std::max<int64_t>(1, kParallelBytes / std::max<int64_t>(1, 8 * len * hd * T));
-  at::parallel_for(0, n_heads, grain, [&](int64_t h0, int64_t h1) {
-    std::vector<float> scores(len);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* k = keys + (h / group) * capacity * hd;
-      const float* v = values + (h / group) * capacity * hd;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* qh = q + t * q_stride + h * hd;
-        const int64_t n = pos0 + t + 1;  // query t sees keys up to its own position
-        float max = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
-          float dot = 0;
-          for (int64_t i = 0; i < hd; ++i) dot += qh[i] * k[j * hd + i];
-          scores[j] = dot / scale;
-          max = std::max(max, scores[j]);
-        }
-        float sum = 0;
-        for (int64_t j = 0; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - max));
-        float* o = out + t * n_heads * hd + h * hd;
-        std::fill(o, o + hd, 0.0f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float p = scores[j] / sum;
-          for (int64_t i = 0; i < hd; ++i) o[i] += p * v[j * hd + i];
-        }
-      }
-    }
-  });
-}
-
 // ---------------------------------------------------------------------------
-// ATen versions of the steps, for devices without the kernels above
+// ATen versions of the steps, for devices without the CPU kernels
 
 // x: (T, in) · w: (out, in)ᵀ. One token takes the matrix-vector kernel, which
 // reads the weights faster than the general matrix product does.
@@ -340,45 +39,6 @@ torch::Tensor aten_rope(const torch::Tensor& t, const torch::Tensor& cos, const 
   return torch::cat({halves[0] * cos - halves[1] * sin, halves[1] * cos + halves[0] * sin}, -1);
 }
 }  // namespace
-
-KvCache::KvCache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t max_len, torch::Device device,
-                 torch::ScalarType dtype)
-    : n_kv_heads_(n_kv_heads), head_dim_(head_dim), max_len_(max_len), device_(device), dtype_(dtype),
-      k_(n_layers), v_(n_layers) {}
-
-void KvCache::grow(int64_t needed) {
-  int64_t capacity = std::min(max_len_, std::max({needed, capacity_ * 2, capacity_ + kCacheBlock}));
-  auto options = torch::TensorOptions().device(device_).dtype(dtype_);
-  for (size_t l = 0; l < k_.size(); ++l) {
-    auto k = torch::empty({n_kv_heads_, capacity, head_dim_}, options);
-    auto v = torch::empty({n_kv_heads_, capacity, head_dim_}, options);
-    if (capacity_ > 0) {
-      k.narrow(1, 0, capacity_).copy_(k_[l]);
-      v.narrow(1, 0, capacity_).copy_(v_[l]);
-    }
-    k_[l] = k;
-    v_[l] = v;
-  }
-  capacity_ = capacity;
-}
-
-void KvCache::reserve(int64_t len) {
-  if (len > capacity_) grow(len);
-}
-
-void KvCache::append(int64_t layer, int64_t pos, const torch::Tensor& k, const torch::Tensor& v) {
-  const int64_t T = k.size(1);
-  reserve(pos + T);
-  k_[layer].narrow(1, pos, T).copy_(k);
-  v_[layer].narrow(1, pos, T).copy_(v);
-}
-
-torch::Tensor KvCache::keys(int64_t layer, int64_t len) const { return k_[layer].narrow(1, 0, len); }
-torch::Tensor KvCache::values(int64_t layer, int64_t len) const { return v_[layer].narrow(1, 0, len); }
-
-int64_t KvCache::bytes() const {
-  return 2 * static_cast<int64_t>(k_.size()) * n_kv_heads_ * capacity_ * head_dim_ * torch::elementSize(dtype_);
-}
 
 torch::Tensor rope_inverse_frequencies(const ModelConfig& c) {
   const int64_t hd = c.head_dim();
@@ -581,13 +241,7 @@ torch::Tensor ModelChunk::swiglu(const torch::Tensor& gate_up) const {
   }
   const int64_t T = gate_up.size(0), hidden = gate_up.size(1) / 2;
   auto out = torch::empty({T, hidden}, torch::kFloat32);
-  const float* g = gate_up.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < hidden; ++i) {
-      const float gate = g[t * 2 * hidden + i];
-      o[t * hidden + i] = gate * (1.0f / (1.0f + std::exp(-gate))) * g[t * 2 * hidden + hidden + i];
-    }
+  swiglu_kernel(gate_up.data_ptr<float>(), T, hidden, out.data_ptr<float>());
   return out;
 }
 
