@@ -38,8 +38,8 @@
 #include <immintrin.h>
 #endif
 
-#include "common/store/checkpoint.hpp"
 #include "common/runtime/torch_runtime.hpp"
+#include "common/store/checkpoint.hpp"
 
 namespace fs = std::filesystem;
 using clock_type = std::chrono::steady_clock;

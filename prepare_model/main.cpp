@@ -12,8 +12,8 @@
 #include <sstream>
 
 #include "common/runtime/logging.hpp"
-#include "common/store/model_store.hpp"
 #include "common/runtime/torch_runtime.hpp"
+#include "common/store/model_store.hpp"
 
 namespace fs = std::filesystem;
 

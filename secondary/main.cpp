@@ -13,9 +13,9 @@
 
 #include "common/net/http/control_plane.hpp"
 #include "common/runtime/logging.hpp"
-#include "common/wire/nodes_config.hpp"
 #include "common/runtime/secondary_node.hpp"
 #include "common/runtime/torch_runtime.hpp"
+#include "common/wire/nodes_config.hpp"
 
 namespace {
 

@@ -11,20 +11,20 @@
 
 #include <fstream>
 
-#include "common/store/checkpoint.hpp"
-#include "common/runtime/generation.hpp"
 #include "common/interp/hidden_states.hpp"
 #include "common/interp/interventions.hpp"
+#include "common/model/tokenizer/tokenizer.hpp"
+#include "common/net/ring_setup.hpp"
+#include "common/runtime/generation.hpp"
 #include "common/runtime/logging.hpp"
+#include "common/runtime/ring.hpp"
+#include "common/runtime/sample_progress.hpp"
+#include "common/runtime/starter_cluster.hpp"
+#include "common/runtime/torch_runtime.hpp"
+#include "common/store/atomic_file.hpp"
+#include "common/store/checkpoint.hpp"
 #include "common/store/model_store.hpp"
 #include "common/wire/nodes_config.hpp"
-#include "common/net/ring_setup.hpp"
-#include "common/runtime/ring.hpp"
-#include "common/runtime/starter_cluster.hpp"
-#include "common/runtime/sample_progress.hpp"
-#include "common/store/atomic_file.hpp"
-#include "common/model/tokenizer/tokenizer.hpp"
-#include "common/runtime/torch_runtime.hpp"
 #include "starter/train_command.hpp"
 
 namespace {

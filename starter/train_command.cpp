@@ -8,21 +8,21 @@
 #include <map>
 #include <mutex>
 
-#include "common/store/checkpoint.hpp"
-#include "common/net/http/control_plane.hpp"
-#include "common/train/loss_plot.hpp"
-#include "common/store/model_store.hpp"
-#include "common/wire/nodes_config.hpp"
-#include "common/runtime/sample_progress.hpp"
-#include "common/store/atomic_file.hpp"
-#include "common/store/sha256.hpp"
-#include "common/runtime/starter_cluster.hpp"
 #include "common/model/tokenizer/tokenizer.hpp"
+#include "common/net/http/control_plane.hpp"
+#include "common/net/ring_setup.hpp"
+#include "common/runtime/sample_progress.hpp"
+#include "common/runtime/starter_cluster.hpp"
 #include "common/runtime/torch_runtime.hpp"
+#include "common/store/atomic_file.hpp"
+#include "common/store/checkpoint.hpp"
+#include "common/store/model_store.hpp"
+#include "common/store/sha256.hpp"
 #include "common/train/checkpoint.hpp"
 #include "common/train/data.hpp"
-#include "common/net/ring_setup.hpp"
+#include "common/train/loss_plot.hpp"
 #include "common/train/pipeline.hpp"
+#include "common/wire/nodes_config.hpp"
 
 namespace {
 namespace fs = std::filesystem;

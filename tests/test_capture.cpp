@@ -6,12 +6,12 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "common/store/checkpoint.hpp"
 #include "common/interp/hidden_states.hpp"
-#include "common/wire/init_request.hpp"
 #include "common/interp/interventions.hpp"
+#include "common/store/checkpoint.hpp"
 #include "common/store/model_store.hpp"
 #include "common/store/safetensors.hpp"
+#include "common/wire/init_request.hpp"
 #include "tests/support.hpp"
 
 namespace {

@@ -10,12 +10,12 @@
 #include <future>
 #include <nlohmann/json.hpp>
 
-#include "common/store/checkpoint.hpp"
 #include "common/net/http/control_plane.hpp"
+#include "common/net/ring_setup.hpp"
+#include "common/store/checkpoint.hpp"
+#include "common/store/model_store.hpp"
 #include "common/wire/frame.hpp"
 #include "common/wire/init_request.hpp"
-#include "common/store/model_store.hpp"
-#include "common/net/ring_setup.hpp"
 #include "tests/support.hpp"
 
 namespace {

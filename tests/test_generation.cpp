@@ -5,8 +5,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "common/store/checkpoint.hpp"
 #include "common/runtime/generation.hpp"
+#include "common/store/checkpoint.hpp"
 #include "tests/support.hpp"
 
 namespace {

@@ -8,8 +8,8 @@
 #include <gmock/gmock.h>
 #include <nlohmann/json.hpp>
 
-#include "common/store/checkpoint.hpp"
 #include "common/model/model.hpp"
+#include "common/store/checkpoint.hpp"
 #include "tests/support.hpp"
 
 namespace {

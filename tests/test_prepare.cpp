@@ -4,10 +4,10 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "common/model/tokenizer/tokenizer.hpp"
 #include "common/store/checkpoint.hpp"
 #include "common/store/model_store.hpp"
 #include "common/store/partition.hpp"
-#include "common/model/tokenizer/tokenizer.hpp"
 #include "tests/support.hpp"
 
 namespace {

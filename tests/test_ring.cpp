@@ -4,8 +4,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "common/store/checkpoint.hpp"
 #include "common/net/http/control_plane.hpp"
+#include "common/store/checkpoint.hpp"
 #include "common/store/model_store.hpp"
 #include "tests/support.hpp"
 

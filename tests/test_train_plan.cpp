@@ -7,11 +7,11 @@
 
 #include <gmock/gmock.h>
 
-#include "common/wire/init_request.hpp"
-#include "common/train/loss_plot.hpp"
 #include "common/model/tokenizer/tokenizer.hpp"
 #include "common/train/data.hpp"
+#include "common/train/loss_plot.hpp"
 #include "common/train/plan.hpp"
+#include "common/wire/init_request.hpp"
 #include "tests/support.hpp"
 
 namespace {

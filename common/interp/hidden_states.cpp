@@ -2,9 +2,9 @@
 
 #include <algorithm>
 
+#include "common/model/tokenizer/tokenizer.hpp"
 #include "common/store/checkpoint.hpp"
 #include "common/wire/frame.hpp"
-#include "common/model/tokenizer/tokenizer.hpp"
 
 namespace mdi {
 

@@ -1,5 +1,5 @@
 #pragma once
-// Recurrent pipeline parallelism over the ring, on top of common/net/link.
+// Recurrent pipeline parallelism over the ring, on top of common/net/frame_link.
 //
 //   starter:    samples ─▶ run_layers ─▶ to_next ══▶ secondary 0 ══▶ … ══▶ from_prev ─▶ run_head ─▶ next token
 //   secondary:  from_prev ─▶ forward(own layers, own KV cache of that sample) ─▶ to_next
@@ -20,10 +20,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "common/runtime/generation.hpp"
 #include "common/interp/hidden_states.hpp"
 #include "common/model/model.hpp"
-#include "common/net/link.hpp"
+#include "common/net/frame_link.hpp"
+#include "common/runtime/generation.hpp"
 #include "common/wire/tensor_frames.hpp"
 
 namespace mdi {

@@ -15,11 +15,11 @@
 #include <string>
 #include <thread>
 
-#include "common/net/http/control_plane.hpp"
-#include "common/wire/init_request.hpp"
 #include "common/model/model.hpp"
+#include "common/net/http/control_plane.hpp"
 #include "common/runtime/ring.hpp"
 #include "common/train/pipeline.hpp"
+#include "common/wire/init_request.hpp"
 
 namespace mdi {
 

@@ -10,9 +10,9 @@
 #include <nlohmann/json.hpp>
 
 #include "common/interp/interventions.hpp"
-#include "common/wire/nodes_config.hpp"
 #include "common/store/partition.hpp"
 #include "common/train/plan.hpp"
+#include "common/wire/nodes_config.hpp"
 
 namespace mdi {
 

@@ -24,7 +24,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "common/net/link.hpp"
+#include "common/net/frame_link.hpp"
 #include "common/train/stage.hpp"
 
 namespace mdi {

@@ -10,8 +10,8 @@
 
 #include "common/interp/interventions.hpp"
 #include "common/model/model_config.hpp"
-#include "common/wire/nodes_config.hpp"
 #include "common/train/plan.hpp"
+#include "common/wire/nodes_config.hpp"
 
 namespace mdi {
 
