@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "common/model/tokenizer/utf8.hpp"  // Utf8Stream, for printing token_bytes
+
 namespace mdi {
 
 struct TokenizerError : std::runtime_error {
@@ -52,18 +54,5 @@ class Tokenizer {
 // tokenizer.json, tokenizer.model, tokenizer.bin it holds. Throws
 // TokenizerError naming the path and the problem.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& path);
-
-// Streaming-safe text output: feed token bytes as they come, get back only
-// complete UTF-8 characters; an incomplete multi-byte sequence waits for the
-// next push. Bytes that can never form a character become U+FFFD.
-class Utf8Stream {
- public:
-  std::string push(const std::string& bytes);
-  // What is left: an unfinished sequence becomes U+FFFD.
-  std::string finish();
-
- private:
-  std::string pending_;  // the start of a character still missing bytes
-};
 
 }  // namespace mdi
