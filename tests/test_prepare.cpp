@@ -237,6 +237,9 @@ TEST(PrepareModelBinary, BadInputGivesOneLineNamingTheFileAndLeavesNoPartialOutp
   std::ofstream(dir / "corrupt" / "model.safetensors", std::ios::binary) << std::string("\x10\0\0\0\0\0\0\0{\"a\": broken}   ", 24);
   // a truncated llama2.c file
   std::ofstream(dir / "trunc.bin", std::ios::binary) << std::string("\x40\0\0\0\xac\0\0\0\x05\0\0\0\x08\0\0\0\x04\0\0\0\0\x02\0\0\0\x02\0\0", 28) << "xx";
+  // dims near 2^30 whose tensor sizes pass 64 bits, and vocab_size INT32_MIN (an untied classifier)
+  std::ofstream(dir / "huge.bin", std::ios::binary)
+      << std::string("\0\0\0\x40\0\0\0\x40\0\0\0\x40\x10\0\0\0\x10\0\0\0\0\0\0\x80\0\x01\0\0", 28) << "xx";
   struct Case {
     std::string model, expect_file, expect_problem;
   } cases[] = {
@@ -244,6 +247,7 @@ TEST(PrepareModelBinary, BadInputGivesOneLineNamingTheFileAndLeavesNoPartialOutp
       {(dir / "noconf").string(), "config.json", "intermediate_size"},
       {(dir / "corrupt").string(), "model.safetensors", "corrupt safetensors header"},
       {(dir / "trunc.bin").string(), "trunc.bin", "truncated"},
+      {(dir / "huge.bin").string(), "huge.bin", "puts \"" + std::string(mdi::tensor_name::kEmbedding) + "\" (9223372036854775808 bytes)"},
   };
   for (auto& c : cases) {
     auto [code, err] = prepare(dir, {c.model, "--n-nodes", "2", "--out", out.string()});

@@ -113,7 +113,8 @@ class Llama2cReader : public CheckpointReader {
     config_.n_layers = h[2];
     config_.n_heads = h[3];
     config_.n_kv_heads = h[4];
-    config_.vocab_size = std::abs(h[5]);
+    // In 64 bits: std::abs(INT32_MIN) is undefined.
+    config_.vocab_size = h[5] < 0 ? -int64_t{h[5]} : int64_t{h[5]};
     config_.max_seq_len = h[6];
     // llama2.c marks an untied classifier by a negative vocab_size.
     config_.tied_embeddings = h[5] > 0;
@@ -127,11 +128,20 @@ class Llama2cReader : public CheckpointReader {
     }
     const int64_t L = config_.n_layers, dim = config_.dim, kv = config_.kv_dim(), hid = config_.hidden_dim;
     size_t offset = kHeaderBytes;
+    // Each tensor's size is checked against what is left of the file as it is
+    // added: dims of up to 2^31 multiply past 64 bits, and a wrapped sum could
+    // pass a check made once at the end. validate() made every dim positive.
     auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-      int64_t numel = 1;
-      for (auto d : shape) numel *= d;
+      uint64_t bytes = sizeof(float);
+      bool overflow = false;
+      for (auto d : shape) overflow |= __builtin_mul_overflow(bytes, static_cast<uint64_t>(d), &bytes);
+      if (overflow || bytes > file_->size() - offset) {
+        fail(path, "truncated llama2.c checkpoint: " + std::to_string(file_->size()) + " bytes, its header puts \"" +
+                       name + "\" (" + (overflow ? std::string("over 2^64") : std::to_string(bytes)) +
+                       " bytes) at byte " + std::to_string(offset));
+      }
       layout_[name] = {offset, shape};
-      offset += static_cast<size_t>(numel) * sizeof(float);
+      offset += bytes;
     };
     // The legacy layout stores each kind of tensor for all layers together.
     add(tensor_name::kEmbedding, {config_.vocab_size, dim});
@@ -147,8 +157,6 @@ class Llama2cReader : public CheckpointReader {
     add(tensor_name::kFinalNorm, {dim});
     add("freq_cis", {2, config_.max_seq_len, config_.head_dim() / 2});  // unused: RoPE is computed
     if (!config_.tied_embeddings) add(tensor_name::kLmHead, {config_.vocab_size, dim});
-    if (file_->size() < offset)
-      fail(path, "truncated llama2.c checkpoint: " + std::to_string(file_->size()) + " bytes, its header needs " + std::to_string(offset));
   }
 
   const ModelConfig& config() const override { return config_; }
