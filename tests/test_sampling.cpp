@@ -1,6 +1,7 @@
 #include "common/model/sampling.hpp"
 #include "common/runtime/sample_progress.hpp"
 
+#include <limits>
 #include <map>
 
 #include "tests/support.hpp"
@@ -19,7 +20,7 @@ TEST(Sampling, SameSeedSameDrawsDifferentSeedDifferentDraws) {
   auto draws = [&](uint64_t seed) {
     mdi::Sampler s({1.0f, 0, 1.0f}, seed);
     std::vector<int64_t> out;
-    for (int i = 0; i < 50; ++i) out.push_back(s.sample(logits.data(), 100));
+    for (int i = 0; i < 50; ++i) out.push_back(*s.sample(logits.data(), 100));
     return out;
   };
   EXPECT_EQ(draws(7), draws(7));
@@ -30,7 +31,7 @@ TEST(Sampling, TopKNeverLeavesTheKBest) {
   std::vector<float> logits = {5.0f, 4.0f, 3.0f, 2.9f, 2.8f, 2.7f};
   mdi::Sampler s({2.0f, 2, 1.0f}, 3);
   std::map<int64_t, int> seen;
-  for (int i = 0; i < 500; ++i) seen[s.sample(logits.data(), 6)]++;
+  for (int i = 0; i < 500; ++i) seen[*s.sample(logits.data(), 6)]++;
   EXPECT_EQ(seen.size(), 2u);
   EXPECT_TRUE(seen.count(0) && seen.count(1));
 }
@@ -40,9 +41,23 @@ TEST(Sampling, TopPKeepsTheSmallestSetReachingTheMass) {
   std::vector<float> logits = {2.0f, 1.0f, 0.0f};
   mdi::Sampler s({1.0f, 0, 0.8f}, 5);
   std::map<int64_t, int> seen;
-  for (int i = 0; i < 2000; ++i) seen[s.sample(logits.data(), 3)]++;
+  for (int i = 0; i < 2000; ++i) seen[*s.sample(logits.data(), 3)]++;
   EXPECT_EQ(seen.count(2), 0u);
   EXPECT_GT(seen[1], 300);
+}
+
+TEST(Sampling, NonFiniteLogitsChooseNoTokenInEveryMode) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  // Sorting these with the old comparator was undefined behaviour (not a strict weak order).
+  std::vector<float> logits(1000, 0.5f);
+  for (size_t i = 0; i < logits.size(); i += 3) logits[i] = nan;
+  std::vector<float> one_infinity = {0.1f, -inf, 0.3f};
+  for (mdi::SamplingParams params : {mdi::SamplingParams{0.0f, 0, 1.0f}, mdi::SamplingParams{0.8f, 0, 1.0f},
+                                     mdi::SamplingParams{0.8f, 40, 1.0f}, mdi::SamplingParams{0.8f, 0, 0.9f}}) {
+    mdi::Sampler s(params, 1);
+    EXPECT_EQ(s.sample(logits.data(), static_cast<int64_t>(logits.size())), std::nullopt) << params.temperature;
+    EXPECT_EQ(s.sample(one_infinity.data(), 3), std::nullopt) << params.temperature;
+  }
 }
 
 TEST(Sampling, SampleSeedsDifferPerIndex) {
@@ -110,6 +125,18 @@ TEST(SampleProgress, StopsAtAStopTokenAtTheLengthAndAtTheContext) {
 
   EXPECT_EQ(greedy_sample({1}, 0, config).stop_reason(), mdi::StopReason::length) << "no tokens asked for";
   EXPECT_THROW(greedy_sample({1, 3, 3, 3}, 1, small), std::invalid_argument);
+}
+
+TEST(SampleProgress, NanLogitsStopTheSampleWithoutAToken) {
+  const auto config = context_of(64);
+  auto s = greedy_sample({1, 3}, 5, config);
+  s.mark_fed();
+  std::vector<float> logits = logits_for(3);
+  logits[1] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(s.advance(logits.data(), 4), std::nullopt);
+  EXPECT_EQ(s.stop_reason(), mdi::StopReason::non_finite_logits);
+  EXPECT_STREQ(mdi::stop_reason_name(s.stop_reason()), "non_finite_logits");
+  EXPECT_EQ(s.tokens(), (std::vector<int64_t>{1, 3})) << "no token was made up";
 }
 
 }  // namespace

@@ -21,7 +21,8 @@ uint64_t Sampler::sample_seed(uint64_t run_seed, uint64_t index) {
   return z ^ (z >> 31);
 }
 
-int64_t Sampler::sample(const float* logits, int64_t vocab) {
+std::optional<int64_t> Sampler::sample(const float* logits, int64_t vocab) {
+  if (!std::all_of(logits, logits + vocab, [](float logit) { return std::isfinite(logit); })) return std::nullopt;
   if (params_.temperature == 0.0f) {
     // First maximum wins, as in llama2.c, so greedy ids match it exactly.
     int64_t best = 0;

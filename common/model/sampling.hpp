@@ -3,6 +3,7 @@
 // its own RNG, so a sample's tokens do not depend on how samples interleave
 // across nodes or batches.
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -17,8 +18,9 @@ struct SamplingParams {
 class Sampler {
  public:
   Sampler(SamplingParams params, uint64_t seed);
-  // logits: (vocab) float32
-  int64_t sample(const float* logits, int64_t vocab);
+  // logits: (vocab) float32. nullopt where one of them is NaN or infinite:
+  // no token can be chosen from them (and sorting NaNs is undefined behaviour).
+  std::optional<int64_t> sample(const float* logits, int64_t vocab);
 
   // Seed of sample `index` in a run seeded with `run_seed`.
   static uint64_t sample_seed(uint64_t run_seed, uint64_t index);

@@ -47,9 +47,10 @@ RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress
         const size_t i = running[batch[k]];
         SampleProgress& s = samples[i];
         s.mark_fed();
-        const int64_t token = s.advance(logits[k].data_ptr<float>(), logits.size(1));
-        stats.record_token(std::chrono::duration<double>(clock::now() - run_start).count());
-        if (on_token) on_token(s, token);
+        if (const auto token = s.advance(logits[k].data_ptr<float>(), logits.size(1))) {
+          stats.record_token(std::chrono::duration<double>(clock::now() - run_start).count());
+          if (on_token) on_token(s, *token);
+        }
         if (!s.running()) caches[i] = model.new_cache();  // a stopped sample frees its cache at once
       }
     }

@@ -212,9 +212,10 @@ RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector
     for (size_t k = 0; k < back.segments.size(); ++k) {
       const uint32_t id = back.segments[k].sample_id;
       SampleProgress& s = samples[id];
-      const int64_t token = s.advance(logits[k].data_ptr<float>(), logits.size(1));
-      run.record_token(seconds_since(run_start));
-      if (on_token) on_token(s, token);
+      if (const auto token = s.advance(logits[k].data_ptr<float>(), logits.size(1))) {
+        run.record_token(seconds_since(run_start));
+        if (on_token) on_token(s, *token);
+      }
       if (s.running()) {
         ready.push_back(id);
       } else {

@@ -18,6 +18,7 @@ const char* stop_reason_name(StopReason reason) {
     case StopReason::eos: return "eos";
     case StopReason::length: return "length";
     case StopReason::context: return "context";
+    case StopReason::non_finite_logits: return "non_finite_logits";
   }
   return "?";
 }
@@ -33,8 +34,13 @@ SampleProgress::SampleProgress(int64_t index, std::string prompt, std::vector<in
   if (max_new_tokens <= 0) stop_ = StopReason::length;
 }
 
-int64_t SampleProgress::advance(const float* logits, int64_t vocab) {
-  const int64_t token = sampler_.sample(logits, vocab);
+std::optional<int64_t> SampleProgress::advance(const float* logits, int64_t vocab) {
+  const std::optional<int64_t> chosen = sampler_.sample(logits, vocab);
+  if (!chosen) {
+    stop_ = StopReason::non_finite_logits;
+    return std::nullopt;
+  }
+  const int64_t token = *chosen;
   tokens_.push_back(token);
   if (config_->is_stop_token(token))
     stop_ = StopReason::eos;

@@ -16,7 +16,7 @@ namespace mdi {
 
 class Tokenizer;
 
-enum class StopReason { running, eos, length, context };
+enum class StopReason { running, eos, length, context, non_finite_logits };
 const char* stop_reason_name(StopReason reason);
 
 class SampleProgress {
@@ -24,9 +24,10 @@ class SampleProgress {
   SampleProgress(int64_t index, std::string prompt, std::vector<int64_t> prompt_tokens, int64_t max_new_tokens,
                  Sampler sampler, const ModelConfig& config);
 
-  // Chooses the next token from the logits of the last position; returns it.
-  // Afterwards stop_reason() says whether the sample goes on.
-  int64_t advance(const float* logits, int64_t vocab);
+  // Chooses the next token from the logits of the last position; returns it,
+  // or nullopt where the logits hold a NaN or an infinity (the sample stops
+  // with non_finite_logits). Afterwards stop_reason() says whether it goes on.
+  std::optional<int64_t> advance(const float* logits, int64_t vocab);
 
   bool running() const { return stop_ == StopReason::running; }
   StopReason stop_reason() const { return stop_; }

@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -70,6 +71,18 @@ std::vector<float> frame_scalars(const Frame& frame, size_t n, int64_t step, con
   std::vector<float> values(n);
   std::memcpy(values.data(), frame.payload.data(), n * sizeof(float));
   return values;
+}
+
+// The gradient norm and learning rate a stage applies come from its peer: a
+// NaN would silently destroy the weights, and a rate above the plan's (which
+// warm-up never exceeds) is not the run this node was given.
+void check_update(float grad_norm_sq, float lr, const OptimizerSettings& settings, int64_t step, const FrameLink& from) {
+  if (!std::isfinite(grad_norm_sq) || grad_norm_sq < 0)
+    throw ProtocolError("step " + std::to_string(step) + ": the squared gradient norm from " + from.peer() + " is " +
+                        std::to_string(grad_norm_sq) + ": the training diverged (try a lower lr or a clip)");
+  if (!std::isfinite(lr) || lr < 0 || lr > settings.lr * (1 + 1e-6))
+    throw ProtocolError("step " + std::to_string(step) + ": learning rate " + std::to_string(lr) + " from " + from.peer() +
+                        " is outside the plan's [0, " + std::to_string(settings.lr) + "]");
 }
 
 int64_t total_rows(const std::vector<MicroBatch>& micro_batches) {
@@ -323,6 +336,7 @@ void run_secondary_training(ModelChunk& chunk, RingLinks& links, const TrainingP
     const float partial = frame_scalars(wait_frame(from_prev, cancel, figures.idle_s), 1, step, from_prev)[0];
     to_next.send(scalars_frame(step, {partial + static_cast<float>(optimizer.grad_norm_sq())}), send_timeout);
     const auto update = frame_scalars(wait_frame(from_prev, cancel, figures.idle_s), 2, step, from_prev);
+    check_update(update[0], update[1], plan.optimizer, step, from_prev);
     optimizer.step(update[1], clip_factor(update[0], plan.optimizer.clip));
     if (plan.saves_after(step)) {
       const std::string name = "secondary" + std::to_string(ring_index - 1) + ".safetensors";
