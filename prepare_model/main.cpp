@@ -74,8 +74,9 @@ std::string source_id(const PrepareOptions& opt) {
 std::string default_out(const std::string& model) {
   if (fs::is_directory(model)) return model;
   if (model.rfind("random:", 0) == 0) {
-    std::string name = fs::path(model.substr(7)).stem().string();
-    return "models/random-" + name;
+    // A preset's name is kept whole (tinyllama-1.1b); a config file gives its stem.
+    const fs::path spec = model.substr(7);
+    return "models/random-" + (spec.extension() == ".json" ? spec.stem() : spec.filename()).string();
   }
   return "models/" + fs::path(model).filename().replace_extension().string();
 }
@@ -86,8 +87,9 @@ int run(const PrepareOptions& opt) {
   const bool in_place = fs::is_directory(opt.model) && fs::exists(model_dir) && fs::equivalent(opt.model, model_dir);
   auto reader = mdi::open_checkpoint(opt.model, opt.tokenizer.empty() ? std::nullopt : std::optional<fs::path>(opt.tokenizer), opt.seed);
   const auto& config = reader->config();
-  spdlog::info("{}: {} layers, dim {}, {} heads ({} kv), vocab {}, {:.1f} M parameters", reader->description(), config.n_layers,
-               config.dim, config.n_heads, config.n_kv_heads, config.vocab_size, double(config.parameter_count()) / 1e6);
+  spdlog::info("{}: {} layers, dim {}, {} heads ({} kv), vocab {}, {:.1f} M parameters, into {}", reader->description(),
+               config.n_layers, config.dim, config.n_heads, config.n_kv_heads, config.vocab_size,
+               double(config.parameter_count()) / 1e6, model_dir.string());
 
   // Check the split before the (possibly long) conversion.
   std::vector<int64_t> counts = opt.layers;

@@ -264,4 +264,12 @@ TEST(PrepareModelBinary, BadInputGivesOneLineNamingTheFileAndLeavesNoPartialOutp
   EXPECT_FALSE(fs::exists(out / "model.safetensors")) << "the split is checked before converting";
 }
 
+TEST(PrepareModelBinary, ARandomPresetWithADotKeepsItsWholeNameAsTheDefaultDirectory) {
+  mdi::test::ScratchDir dir;
+  // Too many nodes: it stops before writing 4 GB, after saying where it would have.
+  auto [code, err] = prepare(dir, {"random:tinyllama-1.1b", "--n-nodes", "100"});
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(err.find("into models/random-tinyllama-1.1b\n"), std::string::npos) << err;
+}
+
 }  // namespace
