@@ -107,6 +107,10 @@ std::vector<mdi::SampleProgress> make_samples(const StarterOptions& opt, const m
   for (int64_t i = 0; i < opt.n_samples; ++i) {
     const std::string& prompt = prompts[static_cast<size_t>(i) % prompts.size()];
     auto ids = tokenizer.encode(prompt, true);
+    if (static_cast<size_t>(i) < prompts.size() && static_cast<int64_t>(ids.size()) + opt.n_tokens > config.max_seq_len)
+      spdlog::warn("sample {}: {} prompt tokens and --n-tokens {} pass the context of {} tokens; it stops at the end of "
+                   "the context (a larger --block-size, up to the model's, gives more)",
+                   i, ids.size(), opt.n_tokens, config.max_seq_len);
     samples.emplace_back(i, prompt, std::vector<int64_t>(ids.begin(), ids.end()), opt.n_tokens,
                          mdi::Sampler(params, mdi::Sampler::sample_seed(opt.seed, static_cast<uint64_t>(i))), config);
   }
@@ -347,10 +351,16 @@ int main(int argc, char** argv) {
   app.add_option("--seed", opt.seed, "Random seed; each sample draws from its own stream");
   app.add_option("--temperature", opt.temperature, "Sampling temperature; 0 is greedy")->check(CLI::NonNegativeNumber);
   app.add_option("--top-k", opt.top_k, "Keep the k most likely tokens (0: all)")->check(CLI::NonNegativeNumber);
-  app.add_option("--top-p", opt.top_p, "Nucleus sampling mass (1: off)")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--top-p", opt.top_p, "Nucleus sampling mass in (0, 1] (1: off)")
+      ->check(CLI::Validator([](std::string& text) {
+                char* end = nullptr;
+                const double mass = std::strtod(text.c_str(), &end);
+                const bool number = end != text.c_str() && *end == '\0';
+                return number && mass > 0 && mass <= 1 ? "" : "must be a number in (0, 1] (0 would keep no token)";
+              }, "(0, 1]"));
   app.add_option("--out", opt.out, "Write samples and stats as JSON to this file");
-  app.add_option("--time-run", opt.time_run, "Write time vs generated tokens as CSV to this file");
-  app.add_flag("-p,--plots", opt.plots, "With --time-run: also write an SVG plot beside the CSV");
+  auto* time_run = app.add_option("--time-run", opt.time_run, "Write time vs generated tokens as CSV to this file");
+  app.add_flag("-p,--plots", opt.plots, "With --time-run: also write an SVG plot beside the CSV")->needs(time_run);
   app.add_option("--threads", opt.threads, "CPU threads for LibTorch (0: all cores)")->check(CLI::NonNegativeNumber);
   app.add_option("--chunk", opt.chunk, "The starter's chunk file (default: from the --ckpt directory's manifest)");
   app.add_flag("--keep-nodes", opt.keep_nodes, "Leave the secondaries running and idle after the run, for another starter");

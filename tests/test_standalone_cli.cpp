@@ -1,0 +1,49 @@
+// The starter's command line as a careless user meets it: mistakes refused
+// before any loading, and a warning where a run cannot give what was asked.
+#include <chrono>
+
+#include "tests/support.hpp"
+
+namespace {
+
+struct Outcome {
+  int code;
+  std::string err;
+};
+
+Outcome run_starter(const mdi::test::ScratchDir& dir, std::vector<std::string> args) {
+  args.insert(args.begin(), (mdi::test::bin_dir() / "starter").string());
+  mdi::test::ChildProcess starter(args, dir.path(), "starter");
+  const auto code = starter.wait(std::chrono::seconds(60));
+  return {code.value_or(-1), starter.err() + starter.out()};
+}
+
+TEST(StarterCli, TopPZeroIsRefusedAtParseTime) {
+  mdi::test::ScratchDir dir;
+  // The model does not exist: a refusal that names --top-p came before any loading.
+  const auto [code, err] = run_starter(dir, {"--ckpt", (dir / "absent").string(), "--top-p", "0"});
+  EXPECT_NE(code, 0);
+  EXPECT_NE(err.find("--top-p"), std::string::npos) << err;
+  EXPECT_NE(err.find("0 would keep no token"), std::string::npos) << err;
+  EXPECT_EQ(err.find("absent"), std::string::npos) << "refused before looking at the model: " << err;
+}
+
+TEST(StarterCli, PlotsWithoutTimeRunIsRefusedNamingBoth) {
+  mdi::test::ScratchDir dir;
+  const auto [code, err] = run_starter(dir, {"--ckpt", (dir / "absent").string(), "-p"});
+  EXPECT_NE(code, 0);
+  EXPECT_NE(err.find("--plots requires --time-run"), std::string::npos) << err;
+}
+
+TEST(StarterCli, NTokensPastTheContextWarnsAndStopsThere) {
+  MDI_REQUIRE_SHARED(shared);
+  mdi::test::ScratchDir dir;
+  const auto model = shared / "models" / "stories260K";
+  const auto [code, err] = run_starter(dir, {"--ckpt", (model / "stories260K.bin").string(), "--tokenizer",
+                                             (model / "tok512.bin").string(), "--prompt", "Once upon a time",
+                                             "--block-size", "16", "--n-tokens", "100", "--temperature", "0"});
+  EXPECT_EQ(code, 0) << err;
+  EXPECT_NE(err.find("--n-tokens 100 pass the context of 16 tokens"), std::string::npos) << err;
+}
+
+}  // namespace
