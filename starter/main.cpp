@@ -199,12 +199,24 @@ void write_outputs(const StarterOptions& opt, const std::vector<mdi::SampleProgr
   }
 }
 
+// --dtype, or else the weights' own dtype where they are stored in 16 bits
+// (converting a bfloat16 model to float32 doubles its memory for nothing),
+// or else the device's default.
+torch::ScalarType run_dtype(const StarterOptions& opt, const mdi::CheckpointReader& reader, const torch::Device& device) {
+  if (!opt.dtype.empty()) return mdi::parse_dtype(opt.dtype);
+  const auto stored = reader.read(mdi::tensor_name::kEmbedding).scalar_type();
+  const auto dtype = stored == torch::kFloat32 ? mdi::default_dtype(device) : stored;
+  spdlog::info("dtype {}: {} (--dtype overrides)", mdi::dtype_name(dtype),
+               dtype == stored ? "the weights' own" : "the default on " + device.str());
+  return dtype;
+}
+
 int run_standalone(const StarterOptions& opt, const torch::Device device) {
   auto reader = mdi::open_checkpoint(opt.ckpt, optional_path(opt.tokenizer));
   auto tokenizer_path = reader->tokenizer();
   if (!tokenizer_path) throw std::invalid_argument("no tokenizer: " + reader->description() + " ships none; pass --tokenizer PATH");
   auto tokenizer = mdi::load_tokenizer(*tokenizer_path);
-  const auto dtype = opt.dtype.empty() ? mdi::default_dtype(device) : mdi::parse_dtype(opt.dtype);
+  const auto dtype = run_dtype(opt, *reader, device);
 
   mdi::ModelConfig config = reader->config();
   spdlog::info("standalone: {} ({} layers, dim {}, vocab {}), {} on {}", reader->description(), config.n_layers, config.dim,
@@ -234,7 +246,7 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
   auto tokenizer_path = opt.tokenizer.empty() ? own.reader->tokenizer() : optional_path(opt.tokenizer);
   if (!tokenizer_path) throw std::invalid_argument(model_dir.string() + " holds no tokenizer; pass --tokenizer PATH");
   auto tokenizer = mdi::load_tokenizer(*tokenizer_path);
-  const auto dtype = opt.dtype.empty() ? mdi::default_dtype(device) : mdi::parse_dtype(opt.dtype);
+  const auto dtype = run_dtype(opt, *own.reader, device);
 
   mdi::ModelConfig config = manifest.model;
   if (opt.block_size > 0) config.max_seq_len = std::min(config.max_seq_len, opt.block_size);
@@ -347,7 +359,8 @@ int main(int argc, char** argv) {
   app.add_option("--block-size,--sequence-length,--context-length", opt.block_size,
                  "Context length cap (default: the model's)")->check(CLI::NonNegativeNumber);
   auto* device = app.add_option("--device", opt.device, "cpu, cuda or cuda:N; overrides the devices of the nodes-config");
-  app.add_option("--dtype", opt.dtype, "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)");
+  app.add_option("--dtype", opt.dtype, "float32, bfloat16 or float16 (default: the weights' own where they are 16-bit, else float32 on CPU,\n"
+                 "bfloat16 on CUDA)");
   app.add_option("--seed", opt.seed, "Random seed; each sample draws from its own stream");
   app.add_option("--temperature", opt.temperature, "Sampling temperature; 0 is greedy")->check(CLI::NonNegativeNumber);
   app.add_option("--top-k", opt.top_k, "Keep the k most likely tokens (0: all)")->check(CLI::NonNegativeNumber);

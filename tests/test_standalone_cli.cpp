@@ -46,4 +46,22 @@ TEST(StarterCli, NTokensPastTheContextWarnsAndStopsThere) {
   EXPECT_NE(err.find("--n-tokens 100 pass the context of 16 tokens"), std::string::npos) << err;
 }
 
+TEST(StarterCli, ABfloat16ModelRunsInBfloat16UnlessDtypeSaysOtherwise) {
+  mdi::test::ScratchDir dir;
+  mdi::test::ChildProcess prepare({(mdi::test::bin_dir() / "prepare_model").string(), "random:stories260K", "--dtype",
+                                   "bfloat16", "--n-nodes", "2", "--out", (dir / "m").string()},
+                                  dir.path(), "prepare");
+  ASSERT_EQ(prepare.wait(std::chrono::seconds(60)), 0) << prepare.err();
+  const std::vector<std::string> run = {"--ckpt", (dir / "m").string(), "--prompt", "Hi", "--n-tokens", "2"};
+  const auto own = run_starter(dir, run);
+  EXPECT_EQ(own.code, 0) << own.err;
+  EXPECT_NE(own.err.find("dtype bfloat16: the weights' own (--dtype overrides)"), std::string::npos) << own.err;
+  EXPECT_NE(own.err.find(", bfloat16 on cpu"), std::string::npos) << own.err;
+  auto with_flag = run;
+  with_flag.insert(with_flag.end(), {"--dtype", "float32"});
+  const auto overridden = run_starter(dir, with_flag);
+  EXPECT_EQ(overridden.code, 0) << overridden.err;
+  EXPECT_NE(overridden.err.find(", float32 on cpu"), std::string::npos) << overridden.err;
+}
+
 }  // namespace
