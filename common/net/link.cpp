@@ -112,7 +112,8 @@ void TcpLink::Impl::read_loop() {
         throw TransportError("receiving frame header: a second Hello after the handshake");
       if (h.type == FrameType::RunStop) run_stopped = true;
       ++frames_in;
-      spdlog::debug("ring: received from {}: {} sample {} pos {} tokens {} ({} bytes)", peer, frame_type_name(h.type),
+      // Per frame: trace (-vv), so that -v stays readable on a long run.
+      spdlog::trace("ring: received from {}: {} sample {} pos {} tokens {} ({} bytes)", peer, frame_type_name(h.type),
                     h.sample_id, h.start_pos, h.n_tokens, h.payload_bytes);
       // Waiting on our own consumer is not the peer's fault, so no receive deadline
       // applies; end() closes the queue, which wakes this wait.
@@ -183,7 +184,7 @@ void TcpLink::Impl::written(const Frame& frame) {
   const FrameHeader& h = frame.header;
   ++frames_out;
   bytes_out += kFrameHeaderBytes + frame.payload.size();
-  spdlog::debug("ring: sent to {}: {} sample {} pos {} tokens {} ({} bytes)", peer, frame_type_name(h.type), h.sample_id,
+  spdlog::trace("ring: sent to {}: {} sample {} pos {} tokens {} ({} bytes)", peer, frame_type_name(h.type), h.sample_id,
                 h.start_pos, h.n_tokens, h.payload_bytes);
   if (h.type == FrameType::RunStop) {
     // Nothing may follow a RunStop; the FIN tells the peer so. Done before the
