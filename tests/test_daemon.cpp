@@ -325,6 +325,16 @@ TEST_F(Daemon, WithATokenEveryRequestNeedsItAndTheStarterSendsIt) {
   EXPECT_EQ(anonymous.request("POST", "/init", &body).status, 401);
   EXPECT_EQ(wrong.request("POST", "/init", &body).status, 401);
   EXPECT_EQ(right.request("GET", "/status").body["state"], "idle") << "a refused /init must not start anything";
+  // The scheme is case-insensitive (RFC 7235); the token is not.
+  const fs::path empty_body = dir_ / "empty";
+  std::ofstream{empty_body};
+  auto reset_with = [&](const std::string& authorization) {
+    return anonymous.upload_file("POST", "/reset", empty_body, {{"Authorization", authorization}}).status;
+  };
+  EXPECT_EQ(reset_with("bearer s3cret"), 200);
+  EXPECT_EQ(reset_with("BEARER s3cret"), 200);
+  EXPECT_EQ(reset_with("bearer S3CRET"), 401);
+  EXPECT_EQ(reset_with("bearers3cret"), 401);
 
   auto starter = [&](std::map<std::string, std::string> env) {
     ChildProcess p({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(), "--n-tokens",
