@@ -136,6 +136,27 @@ TEST_F(Daemon, BadControlPlaneInputGetsAClearErrorAndTheDaemonKeepsServing) {
   EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
 }
 
+TEST_F(Daemon, AChunkPathThatIsNotARegularFileGets400AndTheNodeStaysIdle) {
+  auto config = loopback_config(2);
+  auto secondary = start_secondary(write_config(config, "badpath"), 0);
+  // Bounded, so a node hashing /dev/zero forever fails the test instead of hanging it.
+  mdi::ControlClient client("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>(), "", seconds(5));
+  ASSERT_EQ(status(client).body["state"], "idle");
+  for (const std::string& path : {dir_.path().string(), std::string("/dev/zero")}) {
+    auto body = init_body(config, 0, 4);
+    body["chunk"]["path"] = path;
+    mdi::HttpResult result{0, nullptr};
+    ASSERT_NO_THROW(result = client.request("POST", "/init", &body)) << path;
+    EXPECT_EQ(result.status, 400) << path << " → " << result.body;
+    EXPECT_NE(result.body.value("error", std::string()).find(path + " is not a regular file"), std::string::npos) << result.body;
+    EXPECT_EQ(client.request("GET", "/status").body["state"], "idle") << "after " << path;
+  }
+  auto good = init_body(config, 0, 5);
+  EXPECT_EQ(client.request("POST", "/init", &good).status, 200) << "a refused /init must not leave the node busy";
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
 // Plays the starter of a 2-node ring by hand: accepts the secondary's
 // connection with the real transport, and opens its own connection to the
 // secondary's port_in from a raw socket, so it can send anything.
