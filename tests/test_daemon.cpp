@@ -102,32 +102,57 @@ TEST_F(Daemon, BadControlPlaneInputGetsAClearErrorAndTheDaemonKeepsServing) {
   missing.erase("model");
   auto wrong_index = init_body(config, 0, 1);
   wrong_index["ring_index"] = 5;
+  auto nested = [](size_t depth) { return "{\"run_id\": " + std::string(depth, '[') + std::string(depth, ']') + "}"; };
+  std::string wide_run_id = "{\"run_id\": [0";
+  for (int i = 0; i < 20000; ++i) wide_run_id += ",0";
+  wide_run_id += "]}";
   const std::vector<Case> cases = {
       {"{not json", 400, "malformed JSON"},
+      {"{\"a\": \"" + std::string(100000, 'x') + " ", 400, "malformed JSON"},
       {"{}", 400, "missing field"},
       {missing.dump(), 400, "\"model\""},
       {impossible.dump(), 400, "impossible"},
       {wrong_index.dump(), 400, "ring_index 5"},
+      {nested(100000), 400, "nests deeper than 64 levels"},
+      {nested(20000), 400, "nests deeper than 64 levels"},
+      {wide_run_id, 400, "\"run_id\" must be a non-negative integer, got [0,0,"},
       {std::string(2 << 20, ' '), 413, ""},
   };
   for (auto& c : cases) {
     mdi::ControlClient raw("127.0.0.1", client.port());
-    auto body = nlohmann::json::parse(c.body, nullptr, false);
-    mdi::HttpResult result{0, nullptr};
-    if (body.is_discarded()) {
-      // the client only sends JSON it built; send the broken text as a raw body
-      const fs::path file = dir_ / "body.txt";
-      std::ofstream(file) << c.body;
-      result = raw.upload_file("POST", "/init", file);
-    } else {
-      result = raw.request("POST", "/init", &body);
-    }
-    EXPECT_EQ(result.status, c.status) << c.body.substr(0, 40) << " → " << result.body;
+    // the client only sends JSON it built; send the text as written
+    const fs::path file = dir_ / "body.txt";
+    std::ofstream(file) << c.body;
+    auto result = raw.upload_file("POST", "/init", file);
+    EXPECT_EQ(result.status, c.status) << c.body.substr(0, 40) << " → " << result.body.dump().substr(0, 400);
     if (!c.expect.empty()) {
-      EXPECT_NE(result.body.value("error", std::string()).find(c.expect), std::string::npos) << result.body;
+      EXPECT_NE(result.body.value("error", std::string()).find(c.expect), std::string::npos) << result.body.dump().substr(0, 400);
     }
+    // a message quotes a bad value only in part, never echoing the request back
+    EXPECT_LT(result.body.dump().size(), 400u) << c.body.substr(0, 40);
     EXPECT_EQ(status(client).body["state"], "idle") << "after " << c.body.substr(0, 40);
   }
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
+TEST_F(Daemon, AChunkPathThatIsNotARegularFileGets400AndTheNodeStaysIdle) {
+  auto config = loopback_config(2);
+  auto secondary = start_secondary(write_config(config, "badpath"), 0);
+  // Bounded, so a node hashing /dev/zero forever fails the test instead of hanging it.
+  mdi::ControlClient client("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>(), "", seconds(5));
+  ASSERT_EQ(status(client).body["state"], "idle");
+  for (const std::string& path : {dir_.path().string(), std::string("/dev/zero")}) {
+    auto body = init_body(config, 0, 4);
+    body["chunk"]["path"] = path;
+    mdi::HttpResult result{0, nullptr};
+    ASSERT_NO_THROW(result = client.request("POST", "/init", &body)) << path;
+    EXPECT_EQ(result.status, 400) << path << " → " << result.body;
+    EXPECT_NE(result.body.value("error", std::string()).find(path + " is not a regular file"), std::string::npos) << result.body;
+    EXPECT_EQ(client.request("GET", "/status").body["state"], "idle") << "after " << path;
+  }
+  auto good = init_body(config, 0, 5);
+  EXPECT_EQ(client.request("POST", "/init", &good).status, 200) << "a refused /init must not leave the node busy";
   EXPECT_EQ(client.request("PUT", "/stop").status, 200);
   EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
 }
@@ -321,6 +346,16 @@ TEST_F(Daemon, WithATokenEveryRequestNeedsItAndTheStarterSendsIt) {
   EXPECT_EQ(anonymous.request("POST", "/init", &body).status, 401);
   EXPECT_EQ(wrong.request("POST", "/init", &body).status, 401);
   EXPECT_EQ(right.request("GET", "/status").body["state"], "idle") << "a refused /init must not start anything";
+  // The scheme is case-insensitive (RFC 7235); the token is not.
+  const fs::path empty_body = dir_ / "empty";
+  std::ofstream{empty_body};
+  auto reset_with = [&](const std::string& authorization) {
+    return anonymous.upload_file("POST", "/reset", empty_body, {{"Authorization", authorization}}).status;
+  };
+  EXPECT_EQ(reset_with("bearer s3cret"), 200);
+  EXPECT_EQ(reset_with("BEARER s3cret"), 200);
+  EXPECT_EQ(reset_with("bearer S3CRET"), 401);
+  EXPECT_EQ(reset_with("bearers3cret"), 401);
 
   auto starter = [&](std::map<std::string, std::string> env) {
     ChildProcess p({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(), "--n-tokens",

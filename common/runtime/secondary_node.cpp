@@ -44,8 +44,21 @@ void SecondaryNode::wait_for_shutdown() {
 std::optional<fs::path> SecondaryNode::find_chunk(const InitRequest& request, std::string& problem) const {
   // A file named on this node's command line, or by the starter, must hold what the starter expects.
   for (const fs::path& path : {options_.chunk_override, fs::path(request.chunk_path)}) {
-    if (path.empty() || !fs::exists(path)) continue;
-    const std::string digest = sha256_file(path);
+    std::error_code error;
+    const fs::file_status kind = path.empty() ? fs::file_status{} : fs::status(path, error);
+    if (!fs::exists(kind)) continue;
+    // A directory cannot be hashed, and a device (/dev/zero) would be hashed forever.
+    if (!fs::is_regular_file(kind)) {
+      problem = "chunk " + path.string() + " is not a regular file; name a chunk .safetensors file or upload it with POST /chunk";
+      return std::nullopt;
+    }
+    std::string digest;
+    try {
+      digest = sha256_file(path);
+    } catch (const std::exception& e) {
+      problem = "chunk " + path.string() + " cannot be read (" + e.what() + "); fix its permissions or upload it with POST /chunk";
+      return std::nullopt;
+    }
     if (digest != request.chunk_sha256) {
       problem = "chunk " + path.string() + " has sha256 " + digest + ", the starter expects " + request.chunk_sha256 +
                 " (a different model or split?)";

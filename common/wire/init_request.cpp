@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "common/wire/json_excerpt.hpp"
+
 namespace mdi {
 
 namespace {
@@ -18,7 +20,7 @@ T typed(const nlohmann::json& j, const char* name) {
   if constexpr (std::is_integral_v<T>) {
     if (!v.is_number_integer() || (std::is_unsigned_v<T> && !v.is_number_unsigned()))
       throw InitRequestError(std::string("/init: field \"") + name + "\" must be a" + (std::is_unsigned_v<T> ? " non-negative" : "n") +
-                             " integer, got " + v.dump());
+                             " integer, got " + json_excerpt(v));
   }
   try {
     return v.get<T>();

@@ -10,6 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/wire/json_excerpt.hpp"
+
 namespace mdi {
 namespace {
 
@@ -50,7 +52,7 @@ class FieldReader {
   uint16_t port(const json& parent, const std::string& key, const std::string& path) const {
     const json& value = required(parent, key, path);
     if (!value.is_number_integer() || value.get<int64_t>() < 1 || value.get<int64_t>() > 65535)
-      fail(join(path, key), "expected an integer 1..65535, got " + value.dump());
+      fail(join(path, key), "expected an integer 1..65535, got " + json_excerpt(value));
     return static_cast<uint16_t>(value.get<int64_t>());
   }
 
@@ -59,7 +61,7 @@ class FieldReader {
     constexpr double kMaxSeconds = 86400;
     const json& value = parent.at(key);
     if (!value.is_number() || !(value.get<double>() > 0) || value.get<double>() > kMaxSeconds)
-      fail(join(path, key), "expected a number of seconds in (0, 86400], got " + value.dump());
+      fail(join(path, key), "expected a number of seconds in (0, 86400], got " + json_excerpt(value));
     return std::chrono::milliseconds(std::max<int64_t>(1, std::llround(value.get<double>() * 1000)));
   }
 
@@ -200,7 +202,7 @@ NodesConfig parse_nodes_config(const json& j, const std::string& where) {
   }
   if (const json* max_bytes = find_extension(in, j, "max_frame_bytes", path)) {
     if (!max_bytes->is_number_integer() || max_bytes->get<int64_t>() <= 0)
-      in.fail(path, "expected a positive integer, got " + max_bytes->dump());
+      in.fail(path, "expected a positive integer, got " + json_excerpt(*max_bytes));
     config.max_frame_bytes = max_bytes->get<uint64_t>();
   }
   std::vector<std::pair<const NodeEndpoint*, std::string>> all_nodes{{&config.starter, "nodes.starter"}};

@@ -12,6 +12,10 @@ namespace {
 
 constexpr std::chrono::milliseconds kFirstRetryDelay{100};
 constexpr std::chrono::milliseconds kMaxRetryDelay{2000};
+// Far above any real body (an /init nests about 6 deep); parsing and freeing a
+// JSON value recurses once per level, so an unbounded depth crashes the node.
+constexpr size_t kMaxJsonDepth = 64;
+constexpr size_t kParseErrorChars = 200;
 
 int hex_value(char c) {
   if (c >= '0' && c <= '9') return c - '0';
@@ -37,15 +41,42 @@ std::string percent_decode(const std::string& text) {
   return out;
 }
 
+// Where brackets outside strings first nest deeper than kMaxJsonDepth, if
+// anywhere. Malformed text is left for the parser to name.
+std::optional<size_t> too_deep_at(const std::string& text) {
+  size_t depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxJsonDepth) return i;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 HttpError::HttpError(int s, std::string m) : std::runtime_error(std::move(m)), status(s) {}
 
 nlohmann::json parse_json_body(const HttpRequest& request) {
+  if (auto at = too_deep_at(request.body))
+    throw HttpError(400, "JSON body nests deeper than " + std::to_string(kMaxJsonDepth) + " levels (at byte " +
+                             std::to_string(*at) + "); send a flatter document");
   try {
     return nlohmann::json::parse(request.body);
   } catch (const nlohmann::json::parse_error& e) {
-    throw HttpError(400, std::string("malformed JSON: ") + e.what());
+    // The parser's message quotes the last token read, which may be huge.
+    std::string reason = e.what();
+    if (reason.size() > kParseErrorChars) reason = reason.substr(0, kParseErrorChars) + "...";
+    throw HttpError(400, "malformed JSON: " + reason);
   }
 }
 

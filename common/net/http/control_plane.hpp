@@ -56,7 +56,8 @@ using RouteHandler = std::function<HttpResponse(const HttpRequest&)>;
 using UploadHandler = std::function<HttpResponse(const HttpRequest& head, const std::filesystem::path& file,
                                                  const std::string& sha256_hex)>;
 
-// The request body as JSON; throws HttpError 400 "malformed JSON: ..." otherwise.
+// The request body as JSON; throws HttpError 400 "malformed JSON: ..." otherwise,
+// and before parsing when it nests deeper than 64 levels.
 nlohmann::json parse_json_body(const HttpRequest& request);
 
 // The percent-decoded value of `name` in the target's query string, if present.

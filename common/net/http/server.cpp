@@ -126,9 +126,15 @@ struct Router {
     if (options.auth_token.empty()) return true;
     auto it = head.headers.find("authorization");
     if (it == head.headers.end()) return false;
-    const std::string expected = "Bearer " + options.auth_token;
+    // The scheme is case-insensitive (RFC 7235): "bearer" and "BEARER" are as good as "Bearer".
+    const std::string scheme = "bearer ";
+    const std::string& value = it->second;
+    if (value.size() != scheme.size() + options.auth_token.size() ||
+        !std::equal(scheme.begin(), scheme.end(), value.begin(),
+                    [](char a, char b) { return a == std::tolower(static_cast<unsigned char>(b)); }))
+      return false;
     // Constant time, so the token cannot be guessed byte by byte from response timing.
-    return it->second.size() == expected.size() && CRYPTO_memcmp(it->second.data(), expected.data(), expected.size()) == 0;
+    return CRYPTO_memcmp(value.data() + scheme.size(), options.auth_token.data(), options.auth_token.size()) == 0;
   }
 
   Admission admit(const HttpRequest& head, const boost::optional<uint64_t>& content_length) const {
