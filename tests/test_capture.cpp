@@ -275,6 +275,18 @@ TEST(CaptureSpec, ParsesLayerListsRangesAndAll) {
   EXPECT_THROW(mdi::parse_capture_spec("1", "first", 5), mdi::InterpretabilityError);
 }
 
+TEST(Interventions, AHugeBadValueIsQuotedInAtMost80Characters) {
+  // /init carries interventions: a wide value must not be echoed back whole.
+  nlohmann::json layer = nlohmann::json::array();
+  for (int i = 0; i < 5000; ++i) layer.push_back(i);
+  const nlohmann::json entries = {{{"layer", layer}, {"op", "zero"}}};
+  const std::string error = mdi::test::error_of<mdi::InterpretabilityError>(
+      [&] { mdi::parse_interventions(entries, {4, 64}, "/init: interpretability.interventions"); });
+  EXPECT_NE(error.find("must be \"embed\" or a layer number"), std::string::npos) << error;
+  EXPECT_LT(error.size(), 250u) << error;
+  EXPECT_NE(error.find("[0,1,2,"), std::string::npos) << error;
+}
+
 TEST(InitInterpretability, RoundTripsExactlyAndIsCheckedAgainstTheNodesLayers) {
   mdi::InitRequest r;
   r.run_id = 1;

@@ -7,6 +7,8 @@
 #include <set>
 #include <sstream>
 
+#include "common/wire/json_excerpt.hpp"
+
 namespace mdi {
 
 namespace {
@@ -38,7 +40,7 @@ int64_t parse_layer(const nlohmann::json& v, const ModelBounds& b, const std::st
   else if (v.is_number_integer())
     layer = v.get<int64_t>();
   else
-    fail(where, " must be \"embed\" or a layer number 0.." + std::to_string(b.n_layers - 1) + ", got " + v.dump());
+    fail(where, " must be \"embed\" or a layer number 0.." + std::to_string(b.n_layers - 1) + ", got " + json_excerpt(v));
   if (layer != kEmbedLayer && (layer < 0 || layer >= b.n_layers))
     fail(where, " " + std::to_string(layer) + " is outside 0.." + std::to_string(b.n_layers - 1) + " (the model has " +
                     std::to_string(b.n_layers) + " layers)");
@@ -53,7 +55,7 @@ std::vector<int64_t> parse_index_list(const nlohmann::json& v, const std::string
   if (!v.is_array()) fail(where, " must be a list of integers");
   std::set<int64_t> out;
   for (size_t i = 0; i < v.size(); ++i) {
-    if (!v[i].is_number_integer()) fail(where + "[" + std::to_string(i) + "]", " must be an integer, got " + v[i].dump());
+    if (!v[i].is_number_integer()) fail(where + "[" + std::to_string(i) + "]", " must be an integer, got " + json_excerpt(v[i]));
     const int64_t x = v[i].get<int64_t>();
     if (x < 0 || (limit >= 0 && x >= limit))
       fail(where + "[" + std::to_string(i) + "]", " " + std::to_string(x) + " is outside 0.." +
@@ -69,7 +71,7 @@ std::vector<float> inline_vector(const nlohmann::json& v, int64_t dim, const std
   std::vector<float> out;
   out.reserve(v.size());
   for (size_t i = 0; i < v.size(); ++i) {
-    if (!v[i].is_number()) fail(where + "[" + std::to_string(i) + "]", " must be a number, got " + v[i].dump());
+    if (!v[i].is_number()) fail(where + "[" + std::to_string(i) + "]", " must be a number, got " + json_excerpt(v[i]));
     const double x = v[i].get<double>();
     if (!std::isfinite(x) || std::abs(x) > std::numeric_limits<float>::max())
       fail(where + "[" + std::to_string(i) + "]", " is not a finite float32");
@@ -306,7 +308,7 @@ InterpretabilityPlan InterpretabilityPlan::from_json(const nlohmann::json& j, Mo
     if (!p.is_array()) fail(where + ".prompt_lengths", " must be a list of integers");
     for (size_t i = 0; i < p.size(); ++i) {
       if (!p[i].is_number_integer() || p[i].get<int64_t>() < 1)
-        fail(where + ".prompt_lengths[" + std::to_string(i) + "]", " must be a positive integer, got " + p[i].dump());
+        fail(where + ".prompt_lengths[" + std::to_string(i) + "]", " must be a positive integer, got " + json_excerpt(p[i]));
       plan.prompt_lengths.push_back(p[i].get<int64_t>());
     }
     bounds.n_samples = static_cast<int64_t>(plan.prompt_lengths.size());

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <sstream>
 
+#include "common/wire/json_excerpt.hpp"
+
 namespace mdi {
 
 PipelineSchedule parse_schedule(const std::string& name) {
@@ -100,7 +102,7 @@ double number_field(const nlohmann::json& j, const char* name, const std::string
   const auto& v = field(j, name, where);
   if (!v.is_number() || !std::isfinite(v.get<double>()) || v.get<double>() < min || v.get<double>() > max)
     throw TrainingPlanError(where + ": \"" + name + "\" must be a number in [" + std::to_string(min) + ", " + std::to_string(max) +
-                            "], got " + v.dump());
+                            "], got " + json_excerpt(v));
   return v.get<double>();
 }
 
@@ -108,13 +110,13 @@ int64_t integer_field(const nlohmann::json& j, const char* name, const std::stri
   const auto& v = field(j, name, where);
   if (!v.is_number_integer() || v.get<int64_t>() < min || v.get<int64_t>() > max)
     throw TrainingPlanError(where + ": \"" + name + "\" must be an integer in " + std::to_string(min) + ".." + std::to_string(max) +
-                            ", got " + v.dump());
+                            ", got " + json_excerpt(v));
   return v.get<int64_t>();
 }
 
 std::string string_field(const nlohmann::json& j, const char* name, const std::string& where) {
   const auto& v = field(j, name, where);
-  if (!v.is_string()) throw TrainingPlanError(where + ": \"" + name + "\" must be a string, got " + v.dump());
+  if (!v.is_string()) throw TrainingPlanError(where + ": \"" + name + "\" must be a string, got " + json_excerpt(v));
   return v.get<std::string>();
 }
 }  // namespace
@@ -167,7 +169,7 @@ TrainingPlan TrainingPlan::from_json(const nlohmann::json& j, int64_t n_layers, 
   p.save_every = integer_field(j, "save_every", where, 0, 1ll << 40);
   p.checkpoint_dir = string_field(j, "checkpoint_dir", where);
   const auto& upload = field(j, "upload_stages", where);
-  if (!upload.is_boolean()) throw TrainingPlanError(where + ": \"upload_stages\" must be true or false, got " + upload.dump());
+  if (!upload.is_boolean()) throw TrainingPlanError(where + ": \"upload_stages\" must be true or false, got " + json_excerpt(upload));
   p.upload_stages = upload.get<bool>();
   const auto& resume = field(j, "resume", where);
   p.resume_file = string_field(resume, "file", where + ".resume");
