@@ -1,6 +1,8 @@
 // The starter's command line as a careless user meets it: mistakes refused
 // before any loading, and a warning where a run cannot give what was asked.
+#include <algorithm>
 #include <chrono>
+#include <filesystem>
 
 #include "tests/support.hpp"
 
@@ -62,6 +64,25 @@ TEST(StarterCli, ABfloat16ModelRunsInBfloat16UnlessDtypeSaysOtherwise) {
   const auto overridden = run_starter(dir, with_flag);
   EXPECT_EQ(overridden.code, 0) << overridden.err;
   EXPECT_NE(overridden.err.find(", float32 on cpu"), std::string::npos) << overridden.err;
+}
+
+TEST(StarterCli, TextThatIsNotUtf8IsWrittenWithReplacementCharactersAndExactIds) {
+  MDI_REQUIRE_SHARED(shared);
+  mdi::test::ScratchDir dir;
+  const auto model = shared / "models" / "stories260K";
+  // A stray 0xFF byte: the tokenizer's byte-fallback piece <0xFF> (id 258) carries it.
+  const auto [code, err] = run_starter(
+      dir, {"--ckpt", (model / "stories260K.bin").string(), "--tokenizer", (model / "tok512.bin").string(), "--prompt",
+            "Once \xff upon", "--n-tokens", "4", "--temperature", "0", "--out", (dir / "out.json").string(),
+            "--capture", "0", "--capture-out", (dir / "capture.safetensors").string()});
+  ASSERT_EQ(code, 0) << err;
+  const auto out = nlohmann::json::parse(mdi::test::read_file(dir / "out.json"));
+  const auto& sample = out.at("samples").at(0);
+  EXPECT_EQ(sample.at("prompt"), "Once \xEF\xBF\xBD upon");
+  const auto ids = sample.at("prompt_tokens").get<std::vector<int64_t>>();
+  EXPECT_NE(std::find(ids.begin(), ids.end(), 258), ids.end()) << sample.dump();
+  EXPECT_NE(sample.at("text").get<std::string>().find("\xEF\xBF\xBD"), std::string::npos) << sample.dump();
+  EXPECT_TRUE(std::filesystem::exists(dir / "capture.safetensors")) << err;
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "common/model/tokenizer/tokenizer.hpp"
+#include "common/model/tokenizer/utf8.hpp"
 #include "common/store/checkpoint.hpp"
 #include "common/wire/frame.hpp"
 
@@ -129,7 +130,7 @@ void CaptureCollector::write(const std::filesystem::path& path, const std::vecto
   std::vector<torch::Tensor> tensors;
   for (const auto& s : samples) {
     const auto id = static_cast<uint32_t>(s.index());
-    metadata[sample_key(id) + ".prompt"] = s.prompt();
+    metadata[sample_key(id) + ".prompt"] = valid_utf8(s.prompt());
     metadata[sample_key(id) + ".tokens"] = nlohmann::json(s.tokens()).dump();
     nlohmann::json positions = nlohmann::json::array();
     for (int64_t l : spec_.layers) {

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/model/tokenizer/tokenizer.hpp"
+#include "common/model/tokenizer/utf8.hpp"
 
 namespace mdi {
 
@@ -133,10 +134,10 @@ nlohmann::json results_json(const std::vector<SampleProgress>& samples, const To
   nlohmann::json out;
   out["samples"] = nlohmann::json::array();
   for (auto& s : samples)
-    out["samples"].push_back({{"prompt", s.prompt()},
+    out["samples"].push_back({{"prompt", valid_utf8(s.prompt())},
                               {"prompt_tokens", s.prompt_tokens()},
                               {"tokens", s.tokens()},
-                              {"text", sample_text(tokenizer, s.tokens())},
+                              {"text", valid_utf8(sample_text(tokenizer, s.tokens()))},
                               {"stop_reason", stop_reason_name(s.stop_reason())}});
   out["stats"] = {{"prefill_s", stats.prefill_s},
                   {"decode_s", stats.decode_s},

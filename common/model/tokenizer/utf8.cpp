@@ -50,6 +50,11 @@ std::string replace_all(std::string text, const std::string& from, const std::st
   return text;
 }
 
+std::string valid_utf8(std::string_view bytes) {
+  Utf8Stream stream;
+  return stream.push(std::string(bytes)) + stream.finish();
+}
+
 std::string Utf8Stream::push(const std::string& bytes) {
   pending_ += bytes;
   std::string complete;

@@ -26,6 +26,11 @@ Utf8Scan scan_utf8(std::string_view text, size_t i);
 // stands alone, so that byte-fallback vocabularies still see every byte.
 std::vector<std::string_view> utf8_chars(std::string_view text);
 
+// `bytes` as valid UTF-8 for a JSON string: each invalid or cut-off sequence
+// becomes U+FFFD (a prompt with a stray byte, a byte-level token stream cut
+// mid-character), the rest unchanged.
+std::string valid_utf8(std::string_view bytes);
+
 std::string replace_all(std::string text, const std::string& from, const std::string& to);
 
 // Streaming-safe text output: feed token bytes as they come, get back only
