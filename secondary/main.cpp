@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <thread>
+#include <vector>
 #include <nlohmann/json.hpp>
 
 #include "common/net/http/control_plane.hpp"
@@ -26,6 +27,8 @@ struct SecondaryCli {
   std::string device;
   std::string dtype;
   std::string chunk_cache;
+  std::vector<std::string> chunk_dirs{"models"};
+  double chunk_cache_max_gib = 0;
   int threads = 0;
   int verbosity = 0;
 };
@@ -67,6 +70,8 @@ int run(const SecondaryCli& cli) {
   options.chunk_cache_dir = cli.chunk_cache.empty() ? std::filesystem::temp_directory_path() /
                                                           ("mdi-chunks-" + std::to_string(own.self.control_port))
                                                     : std::filesystem::path(cli.chunk_cache);
+  options.chunk_dirs.assign(cli.chunk_dirs.begin(), cli.chunk_dirs.end());
+  options.chunk_cache_budget_bytes = static_cast<uint64_t>(cli.chunk_cache_max_gib * double(1ull << 30));
   mdi::SecondaryNode node(options);
 
   mdi::ControlServerOptions server_options;
@@ -74,7 +79,8 @@ int run(const SecondaryCli& cli) {
   server_options.port = own.self.control_port;
   server_options.auth_token = own.auth_token;
   server_options.upload_dir = options.chunk_cache_dir / "incoming";
-  server_options.threads = 2;  // /status answers while /init loads a chunk
+  // /status, /stop and /reset answer while one /init loads a chunk and a retried one waits for it.
+  server_options.threads = 4;
   std::filesystem::create_directories(server_options.upload_dir);
   mdi::ControlServer server(server_options);
   node.register_routes(server);
@@ -111,7 +117,14 @@ int main(int argc, char** argv) {
   app.add_option("--chunk", cli.chunk, "Use this chunk file (its sha256 must match what the starter expects)");
   app.add_option("--device", cli.device, "Override the device: cpu, cuda, cuda:N");
   app.add_option("--dtype", cli.dtype, "Override the dtype: float32, bfloat16, float16");
+  app.add_option("--chunk-dir", cli.chunk_dirs,
+                 "A directory whose chunk files the starter's /init may name (repeatable). Files elsewhere are never read;\n"
+                 "the starter uploads those chunks instead")
+      ->take_all();
   app.add_option("--chunk-cache", cli.chunk_cache, "Where uploaded chunks are kept (default: a temp directory per port)");
+  app.add_option("--chunk-cache-max-gib", cli.chunk_cache_max_gib,
+                 "Most GiB of uploaded chunks kept; the oldest unused go first (0: as the disk allows, keeping 64 MiB free)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--threads", cli.threads, "CPU threads for LibTorch (0: all cores)");
   app.add_flag("-v,--verbose", cli.verbosity, "More log detail (-v debug, -vv trace)");
   CLI11_PARSE(app, argc, argv);

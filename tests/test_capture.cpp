@@ -52,7 +52,8 @@ class Capture : public ::testing::Test {
     for (size_t i = 0; i < 2; ++i)
       out.push_back(std::make_unique<ChildProcess>(
           std::vector<std::string>{(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", config.string(), std::to_string(i),
-                                   "--device", "cpu", "--threads", "1", "--chunk-cache", path("cache" + std::to_string(i)).string()},
+                                   "--device", "cpu", "--threads", "1", "--chunk-cache", path("cache" + std::to_string(i)).string(),
+                                   "--chunk-dir", scratch_->path().string()},
           scratch_->path(), config.stem().string() + "-secondary" + std::to_string(i)));
     return out;
   }

@@ -5,6 +5,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include <csignal>
 #include <fstream>
 #include <future>
@@ -14,6 +16,7 @@
 #include "common/net/ring_setup.hpp"
 #include "common/store/checkpoint.hpp"
 #include "common/store/model_store.hpp"
+#include "common/store/sha256.hpp"
 #include "common/wire/frame.hpp"
 #include "common/wire/init_request.hpp"
 #include "tests/support.hpp"
@@ -51,7 +54,8 @@ class Daemon : public ::testing::Test {
   std::unique_ptr<ChildProcess> start_secondary(const fs::path& config, size_t index, std::map<std::string, std::string> env = {}) {
     return std::make_unique<ChildProcess>(
         std::vector<std::string>{(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", config.string(), std::to_string(index),
-                                 "--threads", "1", "--chunk-cache", (dir_ / ("cache" + std::to_string(index))).string()},
+                                 "--threads", "1", "--chunk-cache", (dir_ / ("cache" + std::to_string(index))).string(),
+                                 "--chunk-dir", dir_.path().string()},
         dir_.path(), config.stem().string() + "-secondary" + std::to_string(index), env);
   }
 
@@ -77,6 +81,7 @@ class Daemon : public ::testing::Test {
     r.max_seq_len = manifest.model.max_seq_len;
     r.chunk_sha256 = entry.sha256;
     r.chunk_path = (mdi::manifest_path(model_dir_, n_nodes).parent_path() / entry.file).string();
+    r.chunk_bytes = entry.bytes;
     return r.to_json();
   }
 
@@ -142,13 +147,16 @@ TEST_F(Daemon, AChunkPathThatIsNotARegularFileGets400AndTheNodeStaysIdle) {
   // Bounded, so a node hashing /dev/zero forever fails the test instead of hanging it.
   mdi::ControlClient client("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>(), "", seconds(5));
   ASSERT_EQ(status(client).body["state"], "idle");
-  for (const std::string& path : {dir_.path().string(), std::string("/dev/zero")}) {
+  fs::create_directories(dir_ / "a-directory");
+  ASSERT_EQ(::mkfifo((dir_ / "fifo.safetensors").c_str(), 0600), 0);
+  // Inside the node's --chunk-dir but not a file: refused at once, never opened.
+  for (const fs::path& path : {dir_ / "a-directory", dir_ / "fifo.safetensors"}) {
     auto body = init_body(config, 0, 4);
-    body["chunk"]["path"] = path;
+    body["chunk"]["path"] = path.string();
     mdi::HttpResult result{0, nullptr};
     ASSERT_NO_THROW(result = client.request("POST", "/init", &body)) << path;
     EXPECT_EQ(result.status, 400) << path << " → " << result.body;
-    EXPECT_NE(result.body.value("error", std::string()).find(path + " is not a regular file"), std::string::npos) << result.body;
+    EXPECT_NE(result.body.value("error", std::string()).find(path.string() + "\" is not a regular file"), std::string::npos) << result.body;
     EXPECT_EQ(client.request("GET", "/status").body["state"], "idle") << "after " << path;
   }
   auto good = init_body(config, 0, 5);
@@ -417,6 +425,190 @@ TEST_F(Daemon, ASecondaryKilledMidRunStopsTheStarterWithin10sNamingIt) {
   EXPECT_EQ(c0.request("POST", "/init", &body).status, 200);
   EXPECT_EQ(c0.request("PUT", "/stop").status, 200);
   EXPECT_EQ(s0->wait(seconds(40)), 0);
+}
+
+uint16_t control_port(const nlohmann::json& config, size_t index) {
+  return config["nodes"]["secondary"][index]["communication"]["port"].get<uint16_t>();
+}
+
+void write_bytes(const fs::path& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
+
+TEST_F(Daemon, AnInitNamesOnlyFilesInTheNodesChunkDirsAndTheNodeTakesOnlyTheUploadItAskedFor) {
+  auto config = loopback_config(2);
+  auto secondary = start_secondary(write_config(config, "paths"), 0);
+  mdi::ControlClient client("127.0.0.1", control_port(config, 0), "", seconds(5));
+  ASSERT_EQ(status(client).body["state"], "idle");
+  const std::string passwd_digest = mdi::sha256_file("/etc/passwd");
+  fs::create_symlink("/etc/passwd", dir_ / "passwd.safetensors");
+  // Outside --chunk-dir (a symbolic link is judged by where it leads): neither read
+  // nor hashed, so the answer gives nothing away; the starter would upload instead.
+  for (const fs::path& path : {fs::path("/etc/passwd"), fs::path("/dev/zero"), dir_ / "passwd.safetensors"}) {
+    auto body = init_body(config, 0, 4);
+    body["chunk"]["path"] = path.string();
+    mdi::HttpResult result{0, nullptr};
+    ASSERT_NO_THROW(result = client.request("POST", "/init", &body)) << path;
+    EXPECT_EQ(result.status, 404) << path << " → " << result.body;
+    EXPECT_TRUE(result.body.value("need_upload", false)) << result.body;
+    EXPECT_NE(result.body.value("error", "").find("outside this node's chunk directories"), std::string::npos) << result.body;
+    EXPECT_EQ(result.body.dump().find(passwd_digest), std::string::npos) << result.body;
+  }
+  // Inside, of the manifest's size, one byte changed: hashed, and refused naming both digests.
+  auto body = init_body(config, 0, 5);
+  const fs::path chunk = body["chunk"]["path"].get<std::string>();
+  std::string bytes = mdi::test::read_file(chunk);
+  bytes.back() ^= 1;
+  write_bytes(dir_ / "flipped.safetensors", bytes);
+  body["chunk"]["path"] = (dir_ / "flipped.safetensors").string();
+  auto result = client.request("POST", "/init", &body);
+  EXPECT_EQ(result.status, 400) << result.body;
+  EXPECT_NE(result.body.value("error", "").find("has sha256 " + mdi::sha256_file(dir_ / "flipped.safetensors") + ", the starter expects"),
+            std::string::npos)
+      << result.body;
+
+  // An upload nobody asked for is refused from its head and leaves nothing on disk.
+  write_bytes(dir_ / "junk", std::string(1 << 20, 'x'));
+  result = client.upload_file("POST", "/chunk?sha256=" + mdi::sha256_file(dir_ / "junk"), dir_ / "junk");
+  EXPECT_EQ(result.status, 409) << result.body;
+  EXPECT_NE(result.body.value("error", "").find("expects no upload"), std::string::npos) << result.body;
+  auto stored = [&] {
+    size_t files = 0;
+    for (auto& entry : fs::recursive_directory_iterator(dir_ / "cache0")) files += entry.is_regular_file();
+    return files;
+  };
+  EXPECT_EQ(stored(), 0u);
+
+  // Asked for (need_upload): larger than the manifest says is refused from its head
+  // too; the chunk itself is taken, and the next /init finds it.
+  body["chunk"]["path"] = "";
+  result = client.request("POST", "/init", &body);
+  ASSERT_EQ(result.status, 404) << result.body;
+  const std::string sha = body["chunk"]["sha256"];
+  write_bytes(dir_ / "longer", mdi::test::read_file(chunk) + "x");
+  result = client.upload_file("POST", "/chunk?sha256=" + sha, dir_ / "longer");
+  EXPECT_EQ(result.status, 413) << result.body;
+  EXPECT_EQ(stored(), 0u);
+  EXPECT_EQ(client.upload_file("POST", "/chunk?sha256=" + sha, chunk).status, 200);
+  EXPECT_EQ(client.request("POST", "/init", &body).status, 200);
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
+TEST_F(Daemon, StatusStopResetAndInitAnswerAtOnceDuringASlowLoadAndResetCancelsIt) {
+  // Seven layers of 64 MiB: hashing and loading them takes long enough to be caught at it.
+  const fs::path big = dir_ / "big";
+  {
+    const nlohmann::json shape = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 1024}, {"intermediate_size", 4096},
+                                  {"num_hidden_layers", 8}, {"num_attention_heads", 8}, {"num_key_value_heads", 8},
+                                  {"vocab_size", 512}, {"max_position_embeddings", 256}, {"rms_norm_eps", 1e-5},
+                                  {"tie_word_embeddings", false}};
+    std::ofstream(dir_ / "big-config.json") << shape.dump();
+    auto reader = mdi::open_checkpoint("random:" + (dir_ / "big-config.json").string());
+    mdi::write_model_directory(*reader, big, torch::kFloat32, "random", nullptr);
+    mdi::write_chunks(big, {1, 7}, nullptr);
+  }
+  model_dir_ = big;
+  auto config = loopback_config(2);
+  auto secondary = start_secondary(write_config(config, "slowload"), 0);
+  mdi::ControlClient client("127.0.0.1", control_port(config, 0), "", seconds(60));
+  mdi::ControlClient quick("127.0.0.1", control_port(config, 0), "", seconds(2));
+  ASSERT_EQ(status(client).body["state"], "idle");
+
+  const auto body = init_body(config, 0, 7);
+  auto first = std::async(std::launch::async, [&] { return client.request("POST", "/init", &body); });
+  ASSERT_TRUE(mdi::test::wait_until([&] { return quick.request("GET", "/status").body["state"] == "loading"; }, seconds(30)));
+  // While it loads: another run's /init and another run's stop are refused at once.
+  const auto other = init_body(config, 0, 8);
+  auto answer = quick.request("POST", "/init", &other);
+  EXPECT_EQ(answer.status, 409) << answer.body;
+  answer = quick.request("PUT", "/stop?reset=1&run_id=8");
+  EXPECT_EQ(answer.status, 409) << answer.body;
+  EXPECT_EQ(answer.body.value("run_id", uint64_t{0}), 7u) << answer.body;
+  EXPECT_EQ(quick.request("POST", "/reset?run_id=not-a-number").status, 400);
+  // /reset of this run cancels the load, and answers once the node is idle.
+  answer = mdi::ControlClient("127.0.0.1", control_port(config, 0), "", seconds(15)).request("POST", "/reset?run_id=7");
+  EXPECT_EQ(answer.status, 200) << answer.body;
+  EXPECT_EQ(quick.request("GET", "/status").body["state"], "idle");
+  const auto cancelled = first.get();
+  EXPECT_EQ(cancelled.status, 409) << cancelled.body;
+  EXPECT_NE(cancelled.body.value("error", "").find("stopped while its chunk was loading"), std::string::npos) << cancelled.body;
+  EXPECT_EQ(quick.request("GET", "/status").body["state"], "idle") << "a cancelled load must not come back as ready";
+  // The node takes the next run, and a retried /init of it gets the same answer.
+  const auto next = init_body(config, 0, 9);
+  answer = client.request("POST", "/init", &next);
+  ASSERT_EQ(answer.status, 200) << answer.body;
+  const auto again = client.request("POST", "/init", &next);
+  EXPECT_EQ(again.status, 200) << again.body;
+  EXPECT_EQ(again.body, answer.body);
+  EXPECT_EQ(quick.request("PUT", "/stop?run_id=9").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
+TEST_F(Daemon, ASecondStarterAimedAtABusyNodeLeavesItsRunAlone) {
+  auto config = loopback_config(2);
+  config["timeouts"]["connect_s"] = 120;  // the first run waits for its ring all through the test
+  config["timeouts"]["accept_s"] = 120;
+  const fs::path path = write_config(config, "busy");
+  auto secondary = start_secondary(path, 0);
+  mdi::ControlClient client("127.0.0.1", control_port(config, 0), "", seconds(5));
+  ASSERT_EQ(status(client).body["state"], "idle");
+  const auto body = init_body(config, 0, 7);
+  ASSERT_EQ(client.request("POST", "/init", &body).status, 200);
+
+  ChildProcess second({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(),
+                       "--n-tokens", "4", "--prompt", "a", "--threads", "1"},
+                      dir_.path(), "second-starter");
+  const auto code = second.wait(seconds(60));
+  ASSERT_TRUE(code.has_value());
+  EXPECT_EQ(*code, 1);
+  EXPECT_NE(second.err().find("a run is already going"), std::string::npos) << second.err();
+  const auto s = client.request("GET", "/status").body;
+  EXPECT_EQ(s["state"], "ready") << s;
+  EXPECT_EQ(s["run_id"], 7) << s;
+  EXPECT_EQ(client.request("PUT", "/stop?run_id=7").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
+TEST_F(Daemon, TheRunsContextAndFrameCapFromInitBoundWhatTheNodeAccepts) {
+  auto config = loopback_config(2);
+  auto secondary = start_secondary(write_config(config, "runcaps"), 0);
+  mdi::ControlClient client("127.0.0.1", control_port(config, 0));
+  ASSERT_EQ(status(client).body["state"], "idle");
+  struct Case {
+    const char* field;
+    int64_t value;
+    uint32_t start_pos, n_tokens;
+    const char* expect;
+  };
+  // Both frames are within the model's own limits (context 512, 1 GiB frames).
+  const std::vector<Case> cases = {{"max_seq_len", 8, 6, 4, "past the run's context length 8"},
+                                   {"max_frame_bytes", 1024, 0, 8, "max_frame_bytes"}};
+  uint64_t run_id = 300;
+  for (const Case& c : cases) {
+    auto body = init_body(config, 0, ++run_id);
+    body[c.field] = c.value;
+    ASSERT_EQ(client.request("POST", "/init", &body).status, 200) << c.field;
+    {
+      HandRing ring(config, run_id);
+      ring.connect_and_hello();
+      mdi::Frame frame;
+      frame.header.type = mdi::FrameType::Activations;
+      frame.header.start_pos = c.start_pos;
+      frame.header.n_tokens = c.n_tokens;
+      frame.header.ndim = 2;
+      frame.header.shape = {c.n_tokens, 64, 0, 0};
+      frame.header.payload_bytes = uint64_t(c.n_tokens) * 64 * 4;
+      frame.payload.assign(frame.header.payload_bytes, 0);
+      ring.send_frame(frame);
+      EXPECT_TRUE(mdi::test::wait_until([&] {
+        auto s = client.request("GET", "/status").body;
+        return s["state"] == "idle" && s.contains("last_error");
+      }, seconds(15))) << c.field;
+    }
+    const auto s = client.request("GET", "/status").body;
+    EXPECT_NE(s.value("last_error", "").find(c.expect), std::string::npos) << c.field << ": " << s;
+  }
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
 }
 
 }  // namespace

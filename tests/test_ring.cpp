@@ -60,7 +60,8 @@ class Ring : public ::testing::Test {
 
   std::unique_ptr<ChildProcess> start_secondary(const fs::path& config, size_t index, std::vector<std::string> extra = {}) {
     std::vector<std::string> args = {(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", config.string(), std::to_string(index),
-                                     "--device", "cpu", "--threads", "1", "--chunk-cache", (scratch_->path() / ("cache" + std::to_string(index))).string()};
+                                     "--device", "cpu", "--threads", "1", "--chunk-cache", (scratch_->path() / ("cache" + std::to_string(index))).string(),
+                                     "--chunk-dir", scratch_->path().string()};
     args.insert(args.end(), extra.begin(), extra.end());
     return std::make_unique<ChildProcess>(args, scratch_->path(), config.stem().string() + "-secondary" + std::to_string(index));
   }
@@ -173,7 +174,7 @@ TEST_F(Ring, SeededSamplingGivesTheSameSamplesOnOneTwoAndThreeNodes) {
   }
 }
 
-TEST_F(Ring, AChunkWithTheWrongSha256IsRefusedNamingTheNodeAndTheDigests) {
+TEST_F(Ring, AWrongChunkIsRefusedNamingTheNodeAndWhatDiffers) {
   auto config = write_config(2, "wrongsha");
   // the 3-node split's chunk is not the one a 2-node run needs
   const fs::path wrong = mdi::manifest_path(model_dir_, 3).parent_path() / "secondary0.safetensors";
@@ -181,14 +182,14 @@ TEST_F(Ring, AChunkWithTheWrongSha256IsRefusedNamingTheNodeAndTheDigests) {
   auto run = run_starter("wrongsha", {"--nodes-config", config.string(), "--n-tokens", "5", "--prompt", "Hi"});
   EXPECT_EQ(run.exit_code, 1);
   EXPECT_NE(run.err.find("secondary 0"), std::string::npos) << run.err;
-  EXPECT_NE(run.err.find("has sha256"), std::string::npos) << run.err;
-  EXPECT_NE(run.err.find("the starter expects"), std::string::npos) << run.err;
+  // The wrong file differs in size already, so the node says so without hashing it.
+  EXPECT_NE(run.err.find("bytes, the starter's manifest says"), std::string::npos) << run.err;
   // the refused node is still idle and serving
   const auto port = nlohmann::json::parse(mdi::test::read_file(config))["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>();
   mdi::ControlClient client("127.0.0.1", port);
   auto status = client.request("GET", "/status");
   EXPECT_EQ(status.body["state"], "idle");
-  EXPECT_NE(status.body["last_error"].get<std::string>().find("has sha256"), std::string::npos) << status.body;
+  EXPECT_NE(status.body["last_error"].get<std::string>().find("the starter's manifest says"), std::string::npos) << status.body;
   EXPECT_EQ(client.request("PUT", "/stop").status, 200);
   EXPECT_EQ(secondary->wait(seconds(30)), 0) << secondary->err();
 }

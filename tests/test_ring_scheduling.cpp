@@ -65,7 +65,7 @@ std::vector<std::vector<int64_t>> tokens_of(const std::vector<SampleProgress>& s
 
 // A secondary's stage on its own thread; get() rethrows what it threw.
 std::future<void> start_stage(const ModelChunk& chunk, RingLinks& links, StageStats& stats, const std::atomic<bool>& cancel) {
-  return std::async(std::launch::async, [&] { run_secondary_stage(chunk, links, stats, cancel, 5s); });
+  return std::async(std::launch::async, [&] { run_secondary_stage(chunk, links, stats, cancel, 5s, chunk.config().max_seq_len); });
 }
 
 Frame hidden_frame(uint32_t sample, uint32_t pos, int64_t rows, int64_t dim) {

@@ -82,7 +82,8 @@ class Train : public ::testing::Test {
       nodes.push_back(std::make_unique<ChildProcess>(
           std::vector<std::string>{(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", config.string(), std::to_string(i),
                                    "--device", "cpu", "--threads", "1", "--chunk-cache",
-                                   (scratch_->path() / ("cache-" + config.stem().string() + std::to_string(i))).string()},
+                                   (scratch_->path() / ("cache-" + config.stem().string() + std::to_string(i))).string(),
+                                   "--chunk-dir", scratch_->path().string()},
           scratch_->path(), config.stem().string() + "-secondary" + std::to_string(i)));
     return nodes;
   }
@@ -357,7 +358,8 @@ TEST_F(Train, BadInputsGetOneLineNamingTheProblemAndLeaveNoCheckpoint) {
 TEST_F(Train, ASecondaryStartedInBfloat16RefusesToTrainNamingItsFlag) {
   const auto config = write_config(2, "bf16");
   ChildProcess secondary({(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", config.string(), "0", "--device", "cpu",
-                          "--dtype", "bfloat16", "--chunk-cache", (scratch_->path() / "cache-bf16").string()},
+                          "--dtype", "bfloat16", "--chunk-cache", (scratch_->path() / "cache-bf16").string(),
+                          "--chunk-dir", scratch_->path().string()},
                          scratch_->path(), "bf16-secondary");
   auto run = train("bf16", untied_, {"--nodes-config", config.string(), "--steps", "1", "--batch-size", "2", "--micro-batches", "1",
                                      "--seq-len", "16"});

@@ -74,8 +74,9 @@ ModelChunk::ModelChunk(ModelConfig config, ChunkSpec spec, ChunkWeights weights,
   rope_sin_ = torch::sin(angles).to(device_);
 }
 
-KvCache ModelChunk::new_cache() const {
-  return KvCache(spec_.layers.size(), config_.n_kv_heads, config_.head_dim(), config_.max_seq_len, device_, act_dtype_);
+KvCache ModelChunk::new_cache(int64_t max_len) const {
+  return KvCache(spec_.layers.size(), config_.n_kv_heads, config_.head_dim(), max_len > 0 ? max_len : config_.max_seq_len, device_,
+                 act_dtype_);
 }
 
 void ModelChunk::enable_training() {

@@ -81,7 +81,8 @@ class ModelChunk {
   torch::Tensor forward(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const;
   torch::Tensor run_layers(const torch::Tensor& input, const std::vector<SequenceSpan>& spans) const;
 
-  KvCache new_cache() const;
+  // A cache for one sequence of at most `max_len` positions (0: the model's context).
+  KvCache new_cache(int64_t max_len = 0) const;
 
   // Training mode: every step takes the ATen path, outside InferenceMode, so autograd
   // records the same forward that inference runs. The weights become ordinary tensors

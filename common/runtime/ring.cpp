@@ -64,8 +64,8 @@ Frame overwrite_rows(Frame frame, const torch::Tensor& rows) {
 }  // namespace
 
 void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& stats, const std::atomic<bool>& cancel,
-                         std::chrono::milliseconds send_timeout, const LayerProbes* probes) {
-  const int64_t dim = chunk.config().dim, max_seq_len = chunk.config().max_seq_len;
+                         std::chrono::milliseconds send_timeout, int64_t max_seq_len, const LayerProbes* probes) {
+  const int64_t dim = chunk.config().dim;
   std::map<uint32_t, KvCache> caches;  // by sample id
   std::vector<Frame> captures;         // of the step being computed
   std::optional<Frame> next;           // popped while gathering a batch, not part of it
@@ -93,7 +93,7 @@ void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& 
           auto in = activation_rows(f, dim, chunk.dtype(), max_seq_len);
           inputs.push_back(in.rows);
           for (const BatchSegment& seg : in.segments) {
-            if (seg.start_pos == 0) caches.insert_or_assign(seg.sample_id, chunk.new_cache());
+            if (seg.start_pos == 0) caches.insert_or_assign(seg.sample_id, chunk.new_cache(max_seq_len));
             auto cache = caches.find(seg.sample_id);
             if (cache == caches.end())
               throw ProtocolError("activations for sample " + std::to_string(seg.sample_id) + " at position " +

@@ -51,9 +51,9 @@ class StageStats {
 // (returns). With `probes`, its interventions apply and its captures go out as
 // Capture frames; Capture frames from earlier nodes pass through. Throws
 // LinkError naming the peer when a link fails, and ProtocolError on a frame
-// that makes no sense here.
+// that makes no sense here (a position past the run's `max_seq_len` included).
 void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& stats, const std::atomic<bool>& cancel,
-                         std::chrono::milliseconds send_timeout, const LayerProbes* probes = nullptr);
+                         std::chrono::milliseconds send_timeout, int64_t max_seq_len, const LayerProbes* probes = nullptr);
 
 struct RingGenerationOptions {
   size_t max_in_flight = 16;  // frames in the ring at once: stays below what its queues hold, so sends never deadlock

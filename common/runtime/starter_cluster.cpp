@@ -24,7 +24,7 @@ std::string Cluster::describe(size_t i) const {
   return "secondary " + std::to_string(i) + " (" + format_endpoint(node.addr, node.control_port) + ")";
 }
 
-void Cluster::init_one(size_t i, const ChunkManifest& manifest, const fs::path& chunk_dir, const RunSettings& settings) const {
+void Cluster::init_one(size_t i, const ChunkManifest& manifest, const fs::path& chunk_dir, const RunSettings& settings) {
   const NodeEndpoint& node = config_.secondaries[i];
   const ChunkEntry& entry = manifest.secondary(static_cast<int64_t>(i));
   const fs::path chunk_file = fs::absolute(chunk_dir / entry.file);
@@ -44,6 +44,7 @@ void Cluster::init_one(size_t i, const ChunkManifest& manifest, const fs::path& 
   request.max_frame_bytes = config_.max_frame_bytes;
   request.chunk_sha256 = entry.sha256;
   request.chunk_path = settings.upload_chunks ? "" : chunk_file.string();
+  request.chunk_bytes = entry.bytes;
   request.interpretability = settings.interpretability.for_layers(entry.layer_begin, entry.layer_end);
   if (!settings.training.empty()) request.training = settings.training.at(i);
   const nlohmann::json body = request.to_json();
@@ -54,11 +55,7 @@ void Cluster::init_one(size_t i, const ChunkManifest& manifest, const fs::path& 
     if (result.status != 200)
       throw ClusterError(describe(i) + ": chunk upload refused (" + std::to_string(result.status) + "): " + result.body.value("error", result.body.dump()));
   };
-  if (settings.upload_chunks) {
-    // The node may still be starting: wait for it like /init does.
-    request_with_retry(client, "GET", "/status", nullptr, config_.timeouts.http_init);
-    upload();
-  }
+  sent_init_[i] = 1;  // from here on the node may hold our run, and only ours is stopped
   auto result = request_with_retry(client, "POST", "/init", &body, config_.timeouts.http_init);
   if (result.status == 404 && result.body.value("need_upload", false)) {
     upload();
@@ -70,6 +67,8 @@ void Cluster::init_one(size_t i, const ChunkManifest& manifest, const fs::path& 
 }
 
 void Cluster::init_all(const ChunkManifest& manifest, const fs::path& chunk_dir, const RunSettings& settings) {
+  run_id_ = settings.run_id;
+  sent_init_.assign(config_.secondaries.size(), 0);
   std::vector<std::future<void>> pending;
   for (size_t i = 0; i < config_.secondaries.size(); ++i)
     pending.push_back(std::async(std::launch::async, [&, i] { init_one(i, manifest, chunk_dir, settings); }));
@@ -99,12 +98,17 @@ nlohmann::json Cluster::status_all() const {
 }
 
 void Cluster::stop_all(bool keep_nodes) const {
-  for (size_t i = 0; i < config_.secondaries.size(); ++i) {
+  const std::string target = std::string(keep_nodes ? "/stop?reset=1&" : "/stop?") + "run_id=" + std::to_string(run_id_);
+  for (size_t i = 0; i < sent_init_.size(); ++i) {
+    if (!sent_init_[i]) continue;
     const NodeEndpoint& node = config_.secondaries[i];
     try {
-      ControlClient client(node.addr, node.control_port, config_.auth_token, std::chrono::seconds(5));
-      auto result = client.request("PUT", keep_nodes ? "/stop?reset=1" : "/stop");
-      if (result.status != 200) spdlog::warn("{}: stop answered {}", describe(i), result.status);
+      ControlClient client(node.addr, node.control_port, config_.auth_token, std::chrono::seconds(15));
+      auto result = client.request("PUT", target);
+      if (result.status == 409)
+        spdlog::info("{} is in another run, left as it is: {}", describe(i), result.body.value("error", result.body.dump()));
+      else if (result.status != 200)
+        spdlog::warn("{}: stop answered {}: {}", describe(i), result.status, result.body.value("error", result.body.dump()));
     } catch (const std::exception& e) {
       spdlog::warn("{}: could not be stopped: {}", describe(i), e.what());
     }

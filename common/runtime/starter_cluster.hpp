@@ -43,16 +43,20 @@ class Cluster {
   void init_all(const ChunkManifest& manifest, const std::filesystem::path& chunk_dir, const RunSettings& settings);
   // GET /status of every secondary: {"secondary0": {...}, ...}; an unreachable node gets {"error": ...}.
   nlohmann::json status_all() const;
-  // PUT /stop to every secondary (with reset: they stay up, idle). Best effort: failures are logged.
+  // PUT /stop?run_id=<this run> to every secondary that init_all sent an /init (with
+  // reset: they stay up, idle); a node in another starter's run refuses, and one
+  // this starter never reached is left alone. Best effort: failures are logged.
   void stop_all(bool keep_nodes) const;
 
   // "secondary 1 (127.0.0.1:8090)"
   std::string describe(size_t secondary_index) const;
 
  private:
-  void init_one(size_t index, const ChunkManifest& manifest, const std::filesystem::path& chunk_dir, const RunSettings& settings) const;
+  void init_one(size_t index, const ChunkManifest& manifest, const std::filesystem::path& chunk_dir, const RunSettings& settings);
   NodesConfig config_;
   nlohmann::json config_json_;
+  uint64_t run_id_ = 0;
+  std::vector<char> sent_init_;  // by secondary index; each init_one thread writes its own
 };
 
 }  // namespace mdi

@@ -59,6 +59,16 @@ std::vector<std::string> chunk_tensor_names(const ModelConfig& config, const Chu
   return names;
 }
 
+uint64_t max_chunk_file_bytes(const ModelConfig& config, const ChunkSpec& spec) {
+  uint64_t bytes = 8 + kMaxSafetensorsHeaderBytes;
+  for (const std::string& name : chunk_tensor_names(config, spec)) {
+    uint64_t numel = 1;
+    for (int64_t extent : tensor_shape(config, name)) numel *= static_cast<uint64_t>(extent);
+    bytes += 4 * numel;
+  }
+  return bytes;
+}
+
 std::vector<int64_t> tensor_shape(const ModelConfig& c, const std::string& name) {
   if (name == tensor_name::kEmbedding || name == tensor_name::kLmHead) return {c.vocab_size, c.dim};
   if (name == tensor_name::kFinalNorm) return {c.dim};
@@ -408,7 +418,8 @@ void release_mapped_pages(const torch::Tensor& source) {
   if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
-ModelChunk load_chunk(const CheckpointReader& reader, const ChunkSpec& spec, torch::Device device, torch::ScalarType dtype) {
+ModelChunk load_chunk(const CheckpointReader& reader, const ChunkSpec& spec, torch::Device device, torch::ScalarType dtype,
+                      const std::atomic<bool>* cancel) {
   const ModelConfig& c = reader.config();
   if (spec.layers.begin < 0 || spec.layers.end > c.n_layers || spec.layers.begin > spec.layers.end)
     throw CheckpointError(reader.description() + ": layer range [" + std::to_string(spec.layers.begin) + ", " +
@@ -430,6 +441,8 @@ ModelChunk load_chunk(const CheckpointReader& reader, const ChunkSpec& spec, tor
   ChunkWeights w;
   if (spec.embedding) w.embedding = load(tensor_name::kEmbedding);
   for (int64_t l = spec.layers.begin; l < spec.layers.end; ++l) {
+    if (cancel && *cancel)
+      throw LoadCancelled(reader.description() + ": loading cancelled at layer " + std::to_string(l));
     auto name = [&](const char* part) { return tensor_name::layer(l, part); };
     LayerWeights lw;
     lw.attn_norm = load(name("input_layernorm"));

@@ -5,9 +5,11 @@
 // rows) happens here, once, at read time.
 #include <torch/torch.h>
 
+#include <atomic>
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -30,6 +32,9 @@ std::string layer(int64_t index, const std::string& part);
 std::vector<std::string> chunk_tensor_names(const ModelConfig& config, const ChunkSpec& spec);
 // The shape of a named tensor of this model.
 std::vector<int64_t> tensor_shape(const ModelConfig& config, const std::string& name);
+// The most bytes a safetensors file of the chunk's tensors can hold (float32 data and
+// the largest header read): what a node may hash or accept as an upload for it.
+uint64_t max_chunk_file_bytes(const ModelConfig& config, const ChunkSpec& spec);
 
 class CheckpointReader {
  public:
@@ -60,8 +65,16 @@ std::vector<std::string> random_preset_names();
 std::unique_ptr<CheckpointReader> open_checkpoint(const std::string& spec, std::optional<std::filesystem::path> tokenizer = {},
                                                   uint64_t seed = 0);
 
+// Thrown by load_chunk when its `cancel` flag was set.
+struct LoadCancelled : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // Reads only the chunk's tensors, converted straight to `device` and `dtype`.
-ModelChunk load_chunk(const CheckpointReader& reader, const ChunkSpec& spec, torch::Device device, torch::ScalarType dtype);
+// `cancel` is checked before every layer, so a node told to stop gives up a long
+// load within one layer's time.
+ModelChunk load_chunk(const CheckpointReader& reader, const ChunkSpec& spec, torch::Device device, torch::ScalarType dtype,
+                      const std::atomic<bool>* cancel = nullptr);
 
 // A weight copied out of a reader's memory map (converted, fused or written out) no
 // longer needs the map's pages: hand them back, so that the process holds each weight

@@ -11,9 +11,6 @@
 namespace mdi {
 
 namespace {
-// A header larger than this is a corrupt file, not a model: real headers of
-// 1000-tensor models are a few hundred KiB.
-constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
 
 [[noreturn]] void fail(const std::filesystem::path& path, const std::string& problem) {
   throw CheckpointError(path.string() + ": " + problem);
@@ -40,7 +37,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
   const uint8_t* bytes = file_.data();
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
-  if (header_len > kMaxHeaderBytes || header_len > file_size - 8)
+  if (header_len > kMaxSafetensorsHeaderBytes || header_len > file_size - 8)
     fail(path, "corrupt safetensors header: header length " + std::to_string(header_len) + " exceeds the file size " +
                    std::to_string(file_size));
   data_ = bytes + 8 + header_len;

@@ -15,6 +15,10 @@
 
 namespace mdi {
 
+// A header larger than this is a corrupt file, not a model: real headers of
+// 1000-tensor models are a few hundred KiB.
+inline constexpr uint64_t kMaxSafetensorsHeaderBytes = 100ull << 20;
+
 // Element types this project reads and writes ("F32", "BF16", "F16", "I32", "I64").
 size_t safetensors_dtype_size(const std::string& dtype);
 

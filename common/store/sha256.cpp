@@ -45,13 +45,20 @@ std::string Sha256::hex_digest() {
   return hex;
 }
 
-std::string sha256_file(const std::filesystem::path& path) {
+std::string sha256_file(const std::filesystem::path& path, uint64_t max_bytes, const std::atomic<bool>* cancel) {
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!file) throw std::runtime_error("cannot open " + path.string() + " to hash it: " + std::strerror(errno));
   Sha256 hash;
   std::vector<char> block(kFileBlockBytes);
   size_t bytes_read;
-  while ((bytes_read = std::fread(block.data(), 1, block.size(), file.get())) > 0) hash.update(block.data(), bytes_read);
+  uint64_t total = 0;
+  while ((bytes_read = std::fread(block.data(), 1, block.size(), file.get())) > 0) {
+    if (cancel && *cancel) throw std::runtime_error("hashing " + path.string() + " was cancelled");
+    total += bytes_read;
+    if (total > max_bytes)
+      throw std::runtime_error(path.string() + " holds more than the " + std::to_string(max_bytes) + " bytes expected; not hashing further");
+    hash.update(block.data(), bytes_read);
+  }
   if (std::ferror(file.get())) throw std::runtime_error("cannot read " + path.string() + " to hash it: " + std::strerror(errno));
   return hash.hex_digest();
 }

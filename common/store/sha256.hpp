@@ -1,7 +1,9 @@
 #pragma once
 // SHA-256 through OpenSSL's EVP interface. Digests are lower-case hex, as
 // sha256sum prints them, so they can be compared with the model manifests.
+#include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -25,7 +27,10 @@ class Sha256 {
 };
 
 // Reads the file in 1 MiB blocks, so any size costs one block of memory.
-// Throws std::runtime_error naming the path when it cannot be read.
-std::string sha256_file(const std::filesystem::path& path);
+// Throws std::runtime_error naming the path when it cannot be read, when it holds
+// more than `max_bytes` (a file that grows, or a device, is never hashed forever),
+// or once `cancel` is set.
+std::string sha256_file(const std::filesystem::path& path, uint64_t max_bytes = UINT64_MAX,
+                        const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace mdi

@@ -1,6 +1,7 @@
 #include "common/wire/init_request.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <type_traits>
 
 #include "common/wire/json_excerpt.hpp"
@@ -44,7 +45,7 @@ nlohmann::json InitRequest::to_json() const {
           {"device", device},
           {"max_seq_len", max_seq_len},
           {"max_frame_bytes", max_frame_bytes},
-          {"chunk", {{"sha256", chunk_sha256}, {"path", chunk_path}}}};
+          {"chunk", {{"sha256", chunk_sha256}, {"path", chunk_path}, {"bytes", chunk_bytes}}}};
   if (!interpretability.empty()) j["interpretability"] = interpretability.to_json();
   if (training) j["training"] = training->to_json();
   return j;
@@ -81,11 +82,16 @@ InitRequest InitRequest::parse(const nlohmann::json& j) {
   if (r.max_seq_len < 1 || r.max_seq_len > r.model.max_seq_len)
     throw InitRequestError("/init: max_seq_len " + std::to_string(r.max_seq_len) + " is outside 1.." + std::to_string(r.model.max_seq_len));
   r.max_frame_bytes = j.contains("max_frame_bytes") ? typed<uint64_t>(j, "max_frame_bytes") : r.nodes.max_frame_bytes;
+  if (r.max_frame_bytes != 0) r.nodes.max_frame_bytes = std::min(r.nodes.max_frame_bytes, r.max_frame_bytes);
   const auto& chunk = field(j, "chunk");
   if (!chunk.is_object()) throw InitRequestError("/init: \"chunk\" must be an object");
   r.chunk_sha256 = typed<std::string>(chunk, "sha256");
   if (!is_hex_sha256(r.chunk_sha256)) throw InitRequestError("/init: chunk.sha256 must be 64 hex digits");
+  // sha256sum's lower case, which uploads are checked against
+  std::transform(r.chunk_sha256.begin(), r.chunk_sha256.end(), r.chunk_sha256.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   r.chunk_path = chunk.contains("path") ? typed<std::string>(chunk, "path") : std::string();
+  r.chunk_bytes = chunk.contains("bytes") ? typed<uint64_t>(chunk, "bytes") : 0;
   if (j.contains("interpretability")) {
     ModelBounds bounds;
     bounds.n_layers = r.model.n_layers;

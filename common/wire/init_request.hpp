@@ -31,6 +31,8 @@ struct InitRequest {
   int64_t max_seq_len = 0;     // context cap for this run (<= model.max_seq_len)
   std::string chunk_sha256;    // the chunk the node must hold, by content
   std::string chunk_path;      // where it lies on the secondary's disk, if pre-distributed
+  uint64_t chunk_bytes = 0;    // its size, as the manifest states it (0: not stated)
+  // What the node's links accept in one frame (0: the nodes-config's); parse() applies it to `nodes`.
   uint64_t max_frame_bytes = 0;
   // Optional: the captures and interventions of this node's layers (absent: none).
   InterpretabilityPlan interpretability;

@@ -56,6 +56,17 @@ using RouteHandler = std::function<HttpResponse(const HttpRequest&)>;
 using UploadHandler = std::function<HttpResponse(const HttpRequest& head, const std::filesystem::path& file,
                                                  const std::string& sha256_hex)>;
 
+// Judges an upload from its head, before any body byte is read or stored: a
+// refusal, or the most bytes this upload may carry (a larger body gets 413). A
+// reservation, if any, is held until the upload is handled or dropped, so the
+// route can bound how many are under way.
+struct UploadAdmission {
+  std::optional<HttpResponse> refusal;
+  uint64_t max_bytes = UINT64_MAX;
+  std::shared_ptr<void> reservation;
+};
+using UploadGate = std::function<UploadAdmission(const HttpRequest& head, std::optional<uint64_t> content_length)>;
+
 // The request body as JSON; throws HttpError 400 "malformed JSON: ..." otherwise,
 // and before parsing when it nests deeper than 64 levels.
 nlohmann::json parse_json_body(const HttpRequest& request);
@@ -90,7 +101,8 @@ class ControlServer {
   // threads: one request at a time per connection, but concurrently across
   // connections when options.threads > 1.
   void route(const std::string& method, const std::string& path, RouteHandler handler);
-  void upload_route(const std::string& method, const std::string& path, UploadHandler handler);
+  // Without a gate an upload may carry options.max_upload_bytes.
+  void upload_route(const std::string& method, const std::string& path, UploadHandler handler, UploadGate gate = {});
 
   // Binds and listens, then serves on background threads. Throws
   // ControlPlaneError naming address:port when it cannot listen.

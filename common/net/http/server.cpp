@@ -100,12 +100,24 @@ struct HashingFileBody {
   };
 };
 
-using Handler = std::variant<RouteHandler, UploadHandler>;
+struct UploadRoute {
+  UploadHandler handle;
+  UploadGate gate;
+};
+using Handler = std::variant<RouteHandler, UploadRoute>;
 
 struct Admission {
   const Handler* handler = nullptr;  // null: refused with `refusal`
   HttpResponse refusal;
+  uint64_t body_limit = 0;
+  std::shared_ptr<void> upload_reservation;
 };
+
+Admission refused(HttpResponse refusal) {
+  Admission admission;
+  admission.refusal = std::move(refusal);
+  return admission;
+}
 
 // The routes and limits, shared read-only by all sessions while serving.
 struct Router {
@@ -139,25 +151,34 @@ struct Router {
 
   Admission admit(const HttpRequest& head, const boost::optional<uint64_t>& content_length) const {
     if (!authorized(head))
-      return {nullptr, error_response(401, head.headers.count("authorization") ? "wrong bearer token"
-                                                                               : "missing \"Authorization: Bearer\" header")};
+      return refused(error_response(401, head.headers.count("authorization") ? "wrong bearer token"
+                                                                               : "missing \"Authorization: Bearer\" header"));
     if (head.target.empty() || head.target.front() != '/')
-      return {nullptr, error_response(400, "request target must be an absolute path")};
+      return refused(error_response(400, "request target must be an absolute path"));
     const std::string path = head.target.substr(0, head.target.find('?'));
     auto by_path = routes.find(path);
-    if (by_path == routes.end()) return {nullptr, error_response(404, "no route for " + path)};
+    if (by_path == routes.end()) return refused(error_response(404, "no route for " + path));
     auto by_method = by_path->second.find(head.method);
     if (by_method == by_path->second.end()) {
       std::string allowed;
       for (const auto& [method, handler] : by_path->second) allowed += (allowed.empty() ? "" : ", ") + method;
-      return {nullptr, error_response(405, head.method + " is not allowed on " + path + " (allowed: " + allowed + ")")};
+      return refused(error_response(405, head.method + " is not allowed on " + path + " (allowed: " + allowed + ")"));
     }
     const Handler& handler = by_method->second;
-    uint64_t limit = std::holds_alternative<UploadHandler>(handler) ? options.max_upload_bytes : options.max_json_body_bytes;
-    if (content_length && *content_length > limit)
-      return {nullptr, error_response(413, "request body of " + std::to_string(*content_length) +
-                                               " bytes exceeds the limit of " + std::to_string(limit) + " bytes")};
-    return {&handler, {}};
+    Admission admitted{&handler, {}, options.max_json_body_bytes, nullptr};
+    if (const auto* upload = std::get_if<UploadRoute>(&handler)) {
+      admitted.body_limit = options.max_upload_bytes;
+      if (upload->gate) {
+        UploadAdmission judged = upload->gate(head, content_length ? std::optional<uint64_t>(*content_length) : std::nullopt);
+        if (judged.refusal) return refused(std::move(*judged.refusal));
+        admitted.body_limit = std::min(admitted.body_limit, judged.max_bytes);
+        admitted.upload_reservation = std::move(judged.reservation);
+      }
+    }
+    if (content_length && *content_length > admitted.body_limit)
+      return refused(error_response(413, "request body of " + std::to_string(*content_length) +
+                                               " bytes exceeds the limit of " + std::to_string(admitted.body_limit) + " bytes"));
+    return admitted;
   }
 
   fs::path new_upload_path() const {
@@ -223,14 +244,16 @@ class Session : public std::enable_shared_from_this<Session> {
       return do_write(std::move(admission.refusal));
     }
     handler_ = admission.handler;
+    body_limit_ = admission.body_limit;
+    upload_reservation_ = std::move(admission.upload_reservation);
     start_body();
   }
 
   void start_body() {
     const bool expects_continue = beast::iequals(head_parser_->get()[http::field::expect], "100-continue");
-    if (std::holds_alternative<UploadHandler>(*handler_)) {
+    if (std::holds_alternative<UploadRoute>(*handler_)) {
       upload_parser_.emplace(std::move(*head_parser_));
-      upload_parser_->body_limit(router_.options.max_upload_bytes);  // for chunked bodies, which declare no length
+      upload_parser_->body_limit(body_limit_);  // for chunked bodies, which declare no length
       upload_path_ = router_.new_upload_path();
       beast::error_code ec;
       upload_parser_->get().body().file.open(upload_path_.c_str(), beast::file_mode::write_new, ec);
@@ -241,7 +264,7 @@ class Session : public std::enable_shared_from_this<Session> {
       }
     } else {
       json_parser_.emplace(std::move(*head_parser_));
-      json_parser_->body_limit(router_.options.max_json_body_bytes);
+      json_parser_->body_limit(body_limit_);
     }
     if (body_done()) return on_body_done();
     if (expects_continue) return do_send_continue();
@@ -271,10 +294,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_read_body(beast::error_code ec, size_t) {
     if (ec == http::error::body_limit) {
       keep_alive_ = false;
-      return do_write(error_response(413, "request body exceeds the limit of " +
-                                              std::to_string(upload_parser_ ? router_.options.max_upload_bytes
-                                                                            : router_.options.max_json_body_bytes) +
-                                              " bytes"));
+      return do_write(error_response(413, "request body exceeds the limit of " + std::to_string(body_limit_) + " bytes"));
     }
     if (ec) return drop(ec, "reading the request body");
     if (!body_done()) return do_read_body();
@@ -298,7 +318,8 @@ class Session : public std::enable_shared_from_this<Session> {
       return error_response(500, "cannot write upload file: " + ec.message());
     }
     HttpResponse response =
-        respond([&] { return std::get<UploadHandler>(*handler_)(request_, upload_path_, body.hash.hex_digest()); });
+        respond([&] { return std::get<UploadRoute>(*handler_).handle(request_, upload_path_, body.hash.hex_digest()); });
+    upload_reservation_.reset();
     if (response.status >= 400)
       discard_upload();
     else
@@ -307,6 +328,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void discard_upload() {
+    upload_reservation_.reset();
     if (upload_path_.empty()) return;
     std::error_code ec;
     fs::remove(upload_path_, ec);
@@ -376,6 +398,8 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<http::request_parser<HashingFileBody>> upload_parser_;
   HttpRequest request_;
   const Handler* handler_ = nullptr;
+  uint64_t body_limit_ = 0;  // of the admitted request
+  std::shared_ptr<void> upload_reservation_;
   bool keep_alive_ = false;
   fs::path upload_path_;  // non-empty while the file belongs to this session
   http::response<http::empty_body> continue_response_;
@@ -432,11 +456,11 @@ void ControlServer::route(const std::string& method, const std::string& path, Ro
   impl_->router.add(method, path, std::move(handler));
 }
 
-void ControlServer::upload_route(const std::string& method, const std::string& path, UploadHandler handler) {
+void ControlServer::upload_route(const std::string& method, const std::string& path, UploadHandler handler, UploadGate gate) {
   if (impl_->io) throw std::logic_error("control server: routes must be registered before start()");
   if (impl_->router.options.upload_dir.empty())
     throw std::invalid_argument("control server: upload route " + method + " " + path + " needs options.upload_dir");
-  impl_->router.add(method, path, std::move(handler));
+  impl_->router.add(method, path, UploadRoute{std::move(handler), std::move(gate)});
 }
 
 void ControlServer::start() {
