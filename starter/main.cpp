@@ -107,7 +107,8 @@ std::vector<mdi::SampleProgress> make_samples(const StarterOptions& opt, const m
   for (int64_t i = 0; i < opt.n_samples; ++i) {
     const std::string& prompt = prompts[static_cast<size_t>(i) % prompts.size()];
     auto ids = tokenizer.encode(prompt, true);
-    if (static_cast<size_t>(i) < prompts.size() && static_cast<int64_t>(ids.size()) + opt.n_tokens > config.max_seq_len)
+    // The last position's logits still give a token, so a context of C holds C + 1 tokens.
+    if (static_cast<size_t>(i) < prompts.size() && static_cast<int64_t>(ids.size()) + opt.n_tokens > config.max_seq_len + 1)
       spdlog::warn("sample {}: {} prompt tokens and --n-tokens {} pass the context of {} tokens; it stops at the end of "
                    "the context (a larger --block-size, up to the model's, gives more)",
                    i, ids.size(), opt.n_tokens, config.max_seq_len);

@@ -41,11 +41,22 @@ TEST(StarterCli, NTokensPastTheContextWarnsAndStopsThere) {
   MDI_REQUIRE_SHARED(shared);
   mdi::test::ScratchDir dir;
   const auto model = shared / "models" / "stories260K";
-  const auto [code, err] = run_starter(dir, {"--ckpt", (model / "stories260K.bin").string(), "--tokenizer",
-                                             (model / "tok512.bin").string(), "--prompt", "Once upon a time",
-                                             "--block-size", "16", "--n-tokens", "100", "--temperature", "0"});
-  EXPECT_EQ(code, 0) << err;
-  EXPECT_NE(err.find("--n-tokens 100 pass the context of 16 tokens"), std::string::npos) << err;
+  // 5 prompt tokens in a context of 16: 16 positions, and the last one's logits give a 17th token
+  auto run = [&](const std::string& n_tokens) {
+    auto outcome = run_starter(dir, {"--ckpt", (model / "stories260K.bin").string(), "--tokenizer", (model / "tok512.bin").string(),
+                                     "--prompt", "Once upon a time", "--block-size", "16", "--n-tokens", n_tokens, "--temperature",
+                                     "0", "--out", (dir / "out.json").string()});
+    EXPECT_EQ(outcome.code, 0) << outcome.err;
+    return std::make_pair(outcome.err, nlohmann::json::parse(mdi::test::read_file(dir / "out.json")).at("samples").at(0));
+  };
+  const auto [past_err, past] = run("100");
+  EXPECT_NE(past_err.find("--n-tokens 100 pass the context of 16 tokens"), std::string::npos) << past_err;
+  EXPECT_EQ(past.at("tokens").size(), 17u) << past.dump();
+  EXPECT_EQ(past.at("stop_reason"), "context");
+  const auto [fits_err, fits] = run("12");
+  EXPECT_EQ(fits_err.find("pass the context"), std::string::npos) << "5 + 12 tokens fit a context of 16: " << fits_err;
+  EXPECT_EQ(fits.at("tokens").size(), 17u) << fits.dump();
+  EXPECT_EQ(fits.at("stop_reason"), "length");
 }
 
 TEST(StarterCli, ABfloat16ModelRunsInBfloat16UnlessDtypeSaysOtherwise) {
