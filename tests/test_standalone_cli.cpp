@@ -1,8 +1,10 @@
 // The starter's command line as a careless user meets it: mistakes refused
-// before any loading, and a warning where a run cannot give what was asked.
+// before any loading, --tokenizer honoured wherever it is given, and a warning
+// where a run cannot give what was asked.
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 
 #include "tests/support.hpp"
 
@@ -94,6 +96,50 @@ TEST(StarterCli, TextThatIsNotUtf8IsWrittenWithReplacementCharactersAndExactIds)
   EXPECT_NE(std::find(ids.begin(), ids.end(), 258), ids.end()) << sample.dump();
   EXPECT_NE(sample.at("text").get<std::string>().find("\xEF\xBF\xBD"), std::string::npos) << sample.dump();
   EXPECT_TRUE(std::filesystem::exists(dir / "capture.safetensors")) << err;
+}
+
+std::vector<int64_t> prompt_tokens_in(const std::filesystem::path& out) {
+  return nlohmann::json::parse(mdi::test::read_file(out)).at("samples").at(0).at("prompt_tokens").get<std::vector<int64_t>>();
+}
+
+TEST(StarterCli, AnExplicitTokenizerWinsForAModelDirectoryARandomModelAndARingAndIsLogged) {
+  MDI_REQUIRE_SHARED(shared);
+  mdi::test::ScratchDir dir;
+  const auto tok512 = (shared / "models" / "stories260K" / "tok512.bin").string();
+  // random weights: prepare_model writes its synthetic byte-level tokenizer into the directory
+  mdi::test::ChildProcess prepare({(mdi::test::bin_dir() / "prepare_model").string(), "random:stories260K", "--n-nodes", "2", "--out",
+                                   (dir / "m").string()},
+                                  dir.path(), "prepare");
+  ASSERT_EQ(prepare.wait(std::chrono::seconds(60)), 0) << prepare.err();
+  const auto config = mdi::test::loopback_nodes_config(2, {{"connect_s", 20}, {"accept_s", 20}, {"receive_s", 20}, {"http_init_s", 30}});
+  std::ofstream(dir / "nodes.json") << config.dump(2);
+  mdi::test::ChildProcess secondary({(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", (dir / "nodes.json").string(), "0",
+                                     "--device", "cpu", "--threads", "1", "--chunk-cache", (dir / "cache").string()},
+                                    dir.path(), "secondary0");
+  const std::vector<int64_t> tok512_ids = {1, 403, 407, 261, 378};  // "Once upon a time", reference/llama2c_greedy.json
+  const std::vector<std::vector<std::string>> runs = {
+      {"--ckpt", (dir / "m").string()},
+      {"--ckpt", "random:stories260K"},
+      {"--ckpt", (dir / "m").string(), "--nodes-config", (dir / "nodes.json").string()},
+  };
+  for (const auto& where : runs) {
+    std::vector<std::string> args = {"--tokenizer", tok512, "--prompt", "Once upon a time", "--n-tokens", "2", "--threads", "1", "--out",
+                                     (dir / "out.json").string()};
+    args.insert(args.begin(), where.begin(), where.end());
+    const auto [code, err] = run_starter(dir, args);
+    ASSERT_EQ(code, 0) << where[1] << "\n" << err;
+    EXPECT_EQ(prompt_tokens_in(dir / "out.json"), tok512_ids) << where.back();
+    EXPECT_NE(err.find("tokenizer " + tok512 + " (--tokenizer, 512 tokens)"), std::string::npos) << err;
+  }
+  EXPECT_EQ(secondary.wait(std::chrono::seconds(30)), 0) << secondary.err();
+
+  // Llama 2's 32000 tokens would index past this model's 512-row embedding.
+  const auto llama2 = (shared / "tokenizers" / "llama2" / "tokenizer.model").string();
+  for (const std::string& ckpt : {(dir / "m").string(), std::string("random:stories260K")}) {
+    const auto [code, err] = run_starter(dir, {"--ckpt", ckpt, "--tokenizer", llama2, "--prompt", "Hi", "--n-tokens", "1"});
+    EXPECT_EQ(code, 1) << ckpt;
+    EXPECT_NE(err.find("tokenizer " + llama2 + " has 32000 tokens, more than the model's vocabulary of 512"), std::string::npos) << err;
+  }
 }
 
 }  // namespace
