@@ -320,4 +320,23 @@ TEST(PrepareModelBinary, ATokenizerLargerThanTheModelsVocabularyIsRefusedBeforeC
   EXPECT_FALSE(fs::exists(dir / "m" / "model.safetensors"));
 }
 
+TEST(PrepareModelBinary, ConvertingAgainInAnotherDtypeRemovesTheOldModelsSplitsAndSaysSo) {
+  mdi::test::ScratchDir dir;
+  const auto model = dir / "m";
+  for (const char* n_nodes : {"2", "3"}) {
+    auto [code, err] = prepare(dir, {"random:stories260K", "--n-nodes", n_nodes, "--out", model.string()});
+    ASSERT_EQ(code, 0) << err;
+  }
+  EXPECT_TRUE(fs::exists(mdi::manifest_path(model, 2))) << "the float32 model was reused for the second split";
+  auto [code, err] = prepare(dir, {"random:stories260K", "--n-nodes", "3", "--dtype", "bfloat16", "--out", model.string()});
+  ASSERT_EQ(code, 0) << err;
+  EXPECT_NE(err.find(model.string() + " held random:stories260K seed 0 as float32; converting random:stories260K seed 0 as bfloat16 "
+                     "replaces it and removes its splits (2nodes, 3nodes), which would no longer match it"),
+            std::string::npos)
+      << err;
+  EXPECT_FALSE(fs::exists(mdi::manifest_path(model, 2))) << "a float32 split beside a bfloat16 model";
+  EXPECT_EQ(mdi::ChunkManifest::load(mdi::manifest_path(model, 3)).dtype, "bfloat16");
+  EXPECT_EQ(mdi::SafetensorsFile(mdi::manifest_path(model, 3).parent_path() / "secondary0.safetensors").tensors()[0].dtype, "BF16");
+}
+
 }  // namespace

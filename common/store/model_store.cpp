@@ -57,6 +57,20 @@ void remove_tokenizers(const fs::path& dir, const std::set<std::string>& keep = 
   for (const char* name : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tokenizer.bin"})
     if (!keep.count(name)) fs::remove(dir / name);
 }
+
+// Removes every split of the model in `dir` before another model replaces it there: a split
+// left behind would hold the old weights (or dtype) under the new model's name.
+void remove_splits(const fs::path& dir, const std::string& old_model, const std::string& new_model) {
+  const fs::path chunks = dir / "chunks";
+  std::set<std::string> names;
+  if (fs::is_directory(chunks))
+    for (const auto& entry : fs::directory_iterator(chunks)) names.insert(entry.path().filename().string());
+  std::string splits;
+  for (const auto& name : names) splits += (splits.empty() ? "" : ", ") + name;
+  spdlog::warn("{} held {}; converting {} replaces it{}", dir.string(), old_model, new_model,
+               splits.empty() ? std::string() : " and removes its splits (" + splits + "), which would no longer match it");
+  fs::remove_all(chunks);
+}
 }  // namespace
 
 bool write_model_directory(const CheckpointReader& reader, const fs::path& dir, torch::ScalarType dtype, const std::string& source_id,
@@ -64,13 +78,17 @@ bool write_model_directory(const CheckpointReader& reader, const fs::path& dir, 
   const fs::path weights = dir / "model.safetensors";
   if (fs::exists(dir / "config.json") && fs::exists(weights)) {
     SafetensorsFile existing(weights);
-    auto src = existing.metadata().find(kSourceKey);
-    auto dt = existing.metadata().find(kDtypeKey);
-    if (src != existing.metadata().end() && src->second == source_id && dt != existing.metadata().end() && dt->second == dtype_name(dtype)) {
+    auto metadata = [&](const char* key, const char* unrecorded) {
+      auto it = existing.metadata().find(key);
+      return it == existing.metadata().end() ? std::string(unrecorded) : it->second;
+    };
+    const std::string held_source = metadata(kSourceKey, "a model of unrecorded source"), held_dtype = metadata(kDtypeKey, "unrecorded dtype");
+    if (held_source == source_id && held_dtype == dtype_name(dtype)) {
       spdlog::info("reusing the converted model in {}", dir.string());
       if (auto tok = reader.tokenizer()) install_tokenizer(dir, *tok);
       return false;
     }
+    remove_splits(dir, held_source + " as " + held_dtype, source_id + " as " + dtype_name(dtype));
   }
   fs::create_directories(dir);
   const ModelConfig& c = reader.config();

@@ -22,7 +22,9 @@ using ProgressCallback = std::function<void(uint64_t done, uint64_t total)>;
 // Converts `reader` into `dir` in `dtype`, tensor by tensor (peak memory near
 // the largest tensor). `source_id` identifies the input; when `dir` already
 // holds a conversion of the same source and dtype it is reused and this
-// returns false. The reader's tokenizer, where it
+// returns false. A conversion that replaces another model (another source or
+// dtype) first removes that model's splits under chunks/, with a warning: they
+// would no longer match the directory's model. The reader's tokenizer, where it
 // has one, becomes the directory's (install_tokenizer), reused or not; a new
 // conversion without one gets a synthetic tokenizer. Files appear atomically.
 bool write_model_directory(const CheckpointReader& reader, const std::filesystem::path& dir, torch::ScalarType dtype,
