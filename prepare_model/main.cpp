@@ -11,6 +11,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "common/model/tokenizer/tokenizer.hpp"
 #include "common/runtime/logging.hpp"
 #include "common/runtime/torch_runtime.hpp"
 #include "common/store/model_store.hpp"
@@ -91,12 +92,16 @@ int run(const PrepareOptions& opt) {
                config.n_layers, config.dim, config.n_heads, config.n_kv_heads, config.vocab_size,
                double(config.parameter_count()) / 1e6, model_dir.string());
 
-  // Check the split before the (possibly long) conversion.
+  // Check the split and the tokenizer before the (possibly long) conversion.
   std::vector<int64_t> counts = opt.layers;
   if (counts.empty())
     counts = mdi::balanced_layer_counts(config, opt.n_nodes, opt.node_weights);
   else
     mdi::check_layer_counts(config, opt.n_nodes, counts);
+  if (const auto tokenizer = reader->tokenizer()) {
+    const int vocab = mdi::load_tokenizer_for(*tokenizer, config)->vocab_size();
+    spdlog::info("tokenizer {} ({}, {} tokens)", tokenizer->string(), opt.tokenizer.empty() ? "the model's own" : "--tokenizer", vocab);
+  }
 
   const auto stored = reader->read(mdi::tensor_name::kEmbedding).scalar_type();
   const auto dtype = !opt.dtype.empty() ? mdi::parse_dtype(opt.dtype) : in_place ? stored : torch::kFloat32;
@@ -104,6 +109,7 @@ int run(const PrepareOptions& opt) {
     if (stored != dtype)
       throw std::invalid_argument(opt.model + " holds " + mdi::dtype_name(stored) + " weights; to split it as " + mdi::dtype_name(dtype) +
                                   ", convert it into another directory with --out");
+    if (!opt.tokenizer.empty()) mdi::install_tokenizer(model_dir, opt.tokenizer);
   } else {
     ProgressBar bar("converting");
     mdi::write_model_directory(*reader, model_dir, dtype, source_id(opt), std::ref(bar));
@@ -134,7 +140,8 @@ int main(int argc, char** argv) {
   app.add_option("--dtype", opt.dtype, "float32, bfloat16 or float16 (default: float32; in place: as stored)")->check(CLI::IsMember({"float32", "bfloat16", "float16", "fp32", "bf16", "fp16"}));
   app.add_option("--layers", opt.layers, "Explicit layer counts per node, starter first (e.g. 2,3,3)")->delimiter(',');
   app.add_option("--node-weights", opt.node_weights, "Relative node speeds, starter first (e.g. 1,2,2)")->delimiter(',');
-  app.add_option("--tokenizer", opt.tokenizer, "Tokenizer to ship with the model (default: the model's own)");
+  app.add_option("--tokenizer", opt.tokenizer, "Tokenizer to ship with the model, replacing the one it comes with (default: the model's own; random\n"
+                 "weights: a synthetic byte-level one)");
   app.add_option("--seed", opt.seed, "Seed for random:* weights");
   app.add_flag("-v,--verbose", opt.verbosity, "More log detail");
   CLI11_PARSE(app, argc, argv);

@@ -98,16 +98,14 @@ class TextPrinter {
 
 std::vector<mdi::SampleProgress> make_samples(const StarterOptions& opt, const mdi::Tokenizer& tokenizer,
                                               const mdi::ModelConfig& config) {
-  if (tokenizer.vocab_size() > config.vocab_size)
-    throw std::invalid_argument("the tokenizer has " + std::to_string(tokenizer.vocab_size()) + " tokens, the model only " +
-                                std::to_string(config.vocab_size) + ": pass the model's own tokenizer (--tokenizer)");
   const auto prompts = mdi::read_prompts(opt.prompt);
   mdi::SamplingParams params{opt.temperature, opt.top_k, opt.top_p};
   std::vector<mdi::SampleProgress> samples;
   for (int64_t i = 0; i < opt.n_samples; ++i) {
     const std::string& prompt = prompts[static_cast<size_t>(i) % prompts.size()];
     auto ids = tokenizer.encode(prompt, true);
-    if (static_cast<size_t>(i) < prompts.size() && static_cast<int64_t>(ids.size()) + opt.n_tokens > config.max_seq_len)
+    // The last position's logits still give a token, so a context of C holds C + 1 tokens.
+    if (static_cast<size_t>(i) < prompts.size() && static_cast<int64_t>(ids.size()) + opt.n_tokens > config.max_seq_len + 1)
       spdlog::warn("sample {}: {} prompt tokens and --n-tokens {} pass the context of {} tokens; it stops at the end of "
                    "the context (a larger --block-size, up to the model's, gives more)",
                    i, ids.size(), opt.n_tokens, config.max_seq_len);
@@ -120,6 +118,16 @@ std::vector<mdi::SampleProgress> make_samples(const StarterOptions& opt, const m
 std::optional<std::filesystem::path> optional_path(const std::string& text) {
   if (text.empty()) return std::nullopt;
   return std::filesystem::path(text);
+}
+
+// --tokenizer, or else the one the model comes with; logged, and refused where it has more tokens than the model.
+std::unique_ptr<mdi::Tokenizer> open_tokenizer(const StarterOptions& opt, const mdi::CheckpointReader& reader) {
+  const auto path = opt.tokenizer.empty() ? reader.tokenizer() : optional_path(opt.tokenizer);
+  if (!path) throw std::invalid_argument("no tokenizer: " + reader.description() + " ships none; pass --tokenizer PATH");
+  auto tokenizer = mdi::load_tokenizer_for(*path, reader.config());
+  spdlog::info("tokenizer {} ({}, {} tokens)", path->string(), opt.tokenizer.empty() ? "the model's own" : "--tokenizer",
+               tokenizer->vocab_size());
+  return tokenizer;
 }
 
 // What a run captures and changes, and where the starter's own captures go.
@@ -213,9 +221,7 @@ torch::ScalarType run_dtype(const StarterOptions& opt, const mdi::CheckpointRead
 
 int run_standalone(const StarterOptions& opt, const torch::Device device) {
   auto reader = mdi::open_checkpoint(opt.ckpt, optional_path(opt.tokenizer));
-  auto tokenizer_path = reader->tokenizer();
-  if (!tokenizer_path) throw std::invalid_argument("no tokenizer: " + reader->description() + " ships none; pass --tokenizer PATH");
-  auto tokenizer = mdi::load_tokenizer(*tokenizer_path);
+  auto tokenizer = open_tokenizer(opt, *reader);
   const auto dtype = run_dtype(opt, *reader, device);
 
   mdi::ModelConfig config = reader->config();
@@ -243,9 +249,7 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
   mdi::NodeChunk own = mdi::open_node_chunk(model_dir, n_nodes, 0);
   const auto manifest = mdi::ChunkManifest::load(mdi::manifest_path(model_dir, n_nodes));
   if (!opt.chunk.empty()) own = mdi::open_chunk_file(manifest, manifest.starter(), opt.chunk);
-  auto tokenizer_path = opt.tokenizer.empty() ? own.reader->tokenizer() : optional_path(opt.tokenizer);
-  if (!tokenizer_path) throw std::invalid_argument(model_dir.string() + " holds no tokenizer; pass --tokenizer PATH");
-  auto tokenizer = mdi::load_tokenizer(*tokenizer_path);
+  auto tokenizer = open_tokenizer(opt, *own.reader);
   const auto dtype = run_dtype(opt, *own.reader, device);
 
   mdi::ModelConfig config = manifest.model;

@@ -1,5 +1,6 @@
 // Standalone generation against the exact greedy ids of llama2.c's run.c
-// (../shared/reference/llama2c_greedy.json).
+// (../shared/reference/llama2c_greedy.json), and the starter binary at the end
+// of the context, alone and on a 2-node ring.
 #include <torch/torch.h>
 
 #include <fstream>
@@ -10,6 +11,8 @@
 #include "tests/support.hpp"
 
 namespace {
+using mdi::test::ChildProcess;
+using std::chrono::seconds;
 
 struct ReferenceCase {
   std::string model, tokenizer, prompt;
@@ -76,6 +79,44 @@ TEST(Generation, Bfloat16OnCpuRunsAndMostlyAgreesWithFloat32) {
   while (agree < std::min(a.size(), b.size()) && a[agree] == b[agree]) ++agree;
   std::cout << "bf16 greedy agrees with fp32 for the first " << agree << " of " << a.size() << " ids\n";
   EXPECT_GE(agree, size_t(5 + 5)) << "bf16 diverges within 5 generated tokens";
+}
+
+// llama2.c's run.c (karpathy/llama2.c 350e04f, stderr printing each id) on aidreams260K, context 128:
+// `run aidreams260K.bin -z tok512.bin -t 0 -n 128 -i "I dream of"` gives 129 ids, 7 of them the prompt:
+// 128 forward passes, and the token chosen from the last position's logits is the 129th.
+const std::vector<int64_t> kAidreamsToTheContextEnd = {
+    1,   303, 281, 269, 435, 447, 275, 429, 464, 448, 464, 464, 464, 464, 464, 464, 448, 429, 468, 342, 358, 402, 327, 446, 299, 303,
+    266, 437, 443, 434, 438, 451, 306, 443, 259, 430, 446, 299, 303, 266, 437, 443, 434, 438, 451, 306, 443, 259, 430, 446, 299, 303,
+    384, 311, 434, 446, 262, 263, 428, 434, 436, 451, 275, 429, 464, 448, 464, 464, 464, 464, 464, 464, 464, 448, 429, 468, 342, 358,
+    402, 327, 446, 262, 263, 428, 434, 436, 451, 275, 429, 464, 448, 464, 464, 464, 464, 464, 464, 448, 429, 468, 342, 358, 402, 327,
+    446, 262, 429, 453, 435, 285, 361, 437, 431, 440, 437, 445, 430, 275, 429, 464, 448, 464, 464, 464, 464, 448, 429, 468, 342};
+
+TEST(StarterAtTheContextEnd, EmitsTheTokenOfTheLastPositionAloneAndOnATwoNodeRing) {
+  MDI_REQUIRE_SHARED(shared);
+  mdi::test::ScratchDir dir;
+  const auto model = shared / "models" / "aidreams260K";
+  ChildProcess prepare({(mdi::test::bin_dir() / "prepare_model").string(), (model / "aidreams260K.bin").string(), "--tokenizer",
+                        (model / "tok512.bin").string(), "--n-nodes", "2", "--out", (dir / "aidreams").string()},
+                       dir.path(), "prepare");
+  ASSERT_EQ(prepare.wait(seconds(60)), 0) << prepare.err();
+  const auto config = mdi::test::loopback_nodes_config(2, {{"connect_s", 20}, {"accept_s", 20}, {"receive_s", 20}, {"http_init_s", 30}});
+  std::ofstream(dir / "nodes.json") << config.dump(2);
+  ChildProcess secondary({(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", (dir / "nodes.json").string(), "0", "--device",
+                          "cpu", "--threads", "1", "--chunk-cache", (dir / "cache").string()},
+                         dir.path(), "secondary0");
+
+  for (const std::string mode : {"standalone", "ring"}) {
+    std::vector<std::string> argv = {(mdi::test::bin_dir() / "starter").string(), "--ckpt", (dir / "aidreams").string(), "--prompt",
+                                     "I dream of", "--n-tokens", "128", "--temperature", "0", "--threads", "1", "--out",
+                                     (dir / (mode + ".json")).string()};
+    if (mode == "ring") argv.insert(argv.end(), {"--nodes-config", (dir / "nodes.json").string()});
+    ChildProcess starter(argv, dir.path(), "starter-" + mode);
+    ASSERT_EQ(starter.wait(seconds(120)), 0) << mode << "\n" << starter.err();
+    const auto sample = nlohmann::json::parse(mdi::test::read_file(dir / (mode + ".json"))).at("samples").at(0);
+    EXPECT_EQ(sample.at("tokens").get<std::vector<int64_t>>(), kAidreamsToTheContextEnd) << mode;
+    EXPECT_EQ(sample.at("stop_reason"), "context") << mode;
+  }
+  EXPECT_EQ(secondary.wait(seconds(30)), 0) << "the secondary did not exit on the starter's PUT /stop\n" << secondary.err();
 }
 
 }  // namespace

@@ -272,4 +272,71 @@ TEST(PrepareModelBinary, ARandomPresetWithADotKeepsItsWholeNameAsTheDefaultDirec
   EXPECT_NE(err.find("into models/random-tinyllama-1.1b\n"), std::string::npos) << err;
 }
 
+// The ids the starter encodes `prompt` to with the tokenizer of model directory `model`.
+std::vector<int64_t> starter_prompt_tokens(const mdi::test::ScratchDir& dir, const fs::path& model, const std::string& prompt) {
+  mdi::test::ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--ckpt", model.string(), "--prompt", prompt,
+                                   "--n-tokens", "1", "--threads", "1", "--out", (dir / "out.json").string()},
+                                  dir.path(), "starter");
+  EXPECT_EQ(starter.wait(std::chrono::seconds(60)), 0) << starter.err();
+  return nlohmann::json::parse(mdi::test::read_file(dir / "out.json")).at("samples").at(0).at("prompt_tokens").get<std::vector<int64_t>>();
+}
+
+TEST(PrepareModelBinary, AnExplicitTokenizerIsShippedWithRandomWeightsAndInAnInPlaceSplit) {
+  MDI_REQUIRE_SHARED(shared);
+  mdi::test::ScratchDir dir;
+  // stories260K's shape with Llama 3's vocabulary
+  auto config = mdi::open_random("random:stories260K", 0)->config();
+  config.vocab_size = 128256;
+  std::ofstream(dir / "config.json") << config.to_hf_json().dump();
+  const auto llama3 = (shared / "tokenizers" / "llama3" / "tokenizer.json").string();
+  const auto model = dir / "m";
+  auto [code, err] = prepare(dir, {"random:" + (dir / "config.json").string(), "--tokenizer", llama3, "--n-nodes", "1", "--out", model.string()});
+  ASSERT_EQ(code, 0) << err;
+  EXPECT_EQ(err.find("ships no tokenizer"), std::string::npos) << err;
+  EXPECT_NE(err.find("tokenizer " + llama3 + " (--tokenizer, 128256 tokens)"), std::string::npos) << err;
+  EXPECT_TRUE(fs::exists(model / "tokenizer_config.json"));
+  EXPECT_FALSE(fs::exists(model / "tokenizer.bin")) << "no synthetic tokenizer beside the real one";
+  // reference/tokenizers.json's "Hello, my dog is cute", after BOS
+  EXPECT_EQ(starter_prompt_tokens(dir, model, "Hello, my dog is cute"),
+            (std::vector<int64_t>{128000, 9906, 11, 856, 5679, 374, 19369}));
+
+  // Splitting the directory in place with another tokenizer replaces the one it holds.
+  const auto llama2 = (shared / "tokenizers" / "llama2" / "tokenizer.model").string();
+  std::tie(code, err) = prepare(dir, {model.string(), "--tokenizer", llama2, "--n-nodes", "2"});
+  ASSERT_EQ(code, 0) << err;
+  EXPECT_NE(err.find("tokenizer " + llama2 + " (--tokenizer, 32000 tokens)"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(model / "tokenizer.json"));
+  EXPECT_FALSE(fs::exists(model / "tokenizer_config.json"));
+  EXPECT_EQ(starter_prompt_tokens(dir, model, "Hello, my dog is cute"), (std::vector<int64_t>{1, 15043, 29892, 590, 11203, 338, 274, 1082}));
+}
+
+TEST(PrepareModelBinary, ATokenizerLargerThanTheModelsVocabularyIsRefusedBeforeConverting) {
+  MDI_REQUIRE_SHARED(shared);
+  mdi::test::ScratchDir dir;
+  const auto llama3 = (shared / "tokenizers" / "llama3" / "tokenizer.json").string();
+  auto [code, err] = prepare(dir, {"random:stories260K", "--tokenizer", llama3, "--n-nodes", "1", "--out", (dir / "m").string()});
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(err.find("tokenizer " + llama3 + " has 128256 tokens, more than the model's vocabulary of 512"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(dir / "m" / "model.safetensors"));
+}
+
+TEST(PrepareModelBinary, ConvertingAgainInAnotherDtypeRemovesTheOldModelsSplitsAndSaysSo) {
+  mdi::test::ScratchDir dir;
+  const auto model = dir / "m";
+  for (const char* n_nodes : {"2", "3"}) {
+    auto [code, err] = prepare(dir, {"random:stories260K", "--n-nodes", n_nodes, "--out", model.string()});
+    ASSERT_EQ(code, 0) << err;
+  }
+  EXPECT_TRUE(fs::exists(mdi::manifest_path(model, 2))) << "the float32 model was reused for the second split";
+  auto [code, err] = prepare(dir, {"random:stories260K", "--n-nodes", "3", "--dtype", "bfloat16", "--out", model.string()});
+  ASSERT_EQ(code, 0) << err;
+  EXPECT_NE(err.find(model.string() + " held random:stories260K seed 0 as float32; converting random:stories260K seed 0 as bfloat16 "
+                     "replaces it and removes its splits (2nodes, 3nodes), which would no longer match it"),
+            std::string::npos)
+      << err;
+  EXPECT_FALSE(fs::exists(mdi::manifest_path(model, 2))) << "a float32 split beside a bfloat16 model";
+  EXPECT_EQ(mdi::ChunkManifest::load(mdi::manifest_path(model, 3)).dtype, "bfloat16");
+  EXPECT_EQ(mdi::SafetensorsFile(mdi::manifest_path(model, 3).parent_path() / "secondary0.safetensors").tensors()[0].dtype, "BF16");
+}
+
 }  // namespace

@@ -120,8 +120,11 @@ TEST(SampleProgress, StopsAtAStopTokenAtTheLengthAndAtTheContext) {
   const auto small = context_of(3);
   auto context = greedy_sample({1, 3}, 10, small);
   context.advance(logits_for(3).data(), 4);
+  EXPECT_TRUE(context.running()) << "the third token still has a position, the last one";
+  context.mark_fed();
+  context.advance(logits_for(3).data(), 4);
   EXPECT_EQ(context.stop_reason(), mdi::StopReason::context);
-  EXPECT_EQ(context.tokens().size(), 3u);
+  EXPECT_EQ(context.tokens().size(), 4u) << "the token chosen from the last position's logits is kept";
 
   EXPECT_EQ(greedy_sample({1}, 0, config).stop_reason(), mdi::StopReason::length) << "no tokens asked for";
   EXPECT_THROW(greedy_sample({1, 3, 3, 3}, 1, small), std::invalid_argument);

@@ -1,8 +1,10 @@
 // The starter's command line as a careless user meets it: mistakes refused
-// before any loading, and a warning where a run cannot give what was asked.
+// before any loading, --tokenizer honoured wherever it is given, and a warning
+// where a run cannot give what was asked.
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 
 #include "tests/support.hpp"
 
@@ -41,11 +43,22 @@ TEST(StarterCli, NTokensPastTheContextWarnsAndStopsThere) {
   MDI_REQUIRE_SHARED(shared);
   mdi::test::ScratchDir dir;
   const auto model = shared / "models" / "stories260K";
-  const auto [code, err] = run_starter(dir, {"--ckpt", (model / "stories260K.bin").string(), "--tokenizer",
-                                             (model / "tok512.bin").string(), "--prompt", "Once upon a time",
-                                             "--block-size", "16", "--n-tokens", "100", "--temperature", "0"});
-  EXPECT_EQ(code, 0) << err;
-  EXPECT_NE(err.find("--n-tokens 100 pass the context of 16 tokens"), std::string::npos) << err;
+  // 5 prompt tokens in a context of 16: 16 positions, and the last one's logits give a 17th token
+  auto run = [&](const std::string& n_tokens) {
+    auto outcome = run_starter(dir, {"--ckpt", (model / "stories260K.bin").string(), "--tokenizer", (model / "tok512.bin").string(),
+                                     "--prompt", "Once upon a time", "--block-size", "16", "--n-tokens", n_tokens, "--temperature",
+                                     "0", "--out", (dir / "out.json").string()});
+    EXPECT_EQ(outcome.code, 0) << outcome.err;
+    return std::make_pair(outcome.err, nlohmann::json::parse(mdi::test::read_file(dir / "out.json")).at("samples").at(0));
+  };
+  const auto [past_err, past] = run("100");
+  EXPECT_NE(past_err.find("--n-tokens 100 pass the context of 16 tokens"), std::string::npos) << past_err;
+  EXPECT_EQ(past.at("tokens").size(), 17u) << past.dump();
+  EXPECT_EQ(past.at("stop_reason"), "context");
+  const auto [fits_err, fits] = run("12");
+  EXPECT_EQ(fits_err.find("pass the context"), std::string::npos) << "5 + 12 tokens fit a context of 16: " << fits_err;
+  EXPECT_EQ(fits.at("tokens").size(), 17u) << fits.dump();
+  EXPECT_EQ(fits.at("stop_reason"), "length");
 }
 
 TEST(StarterCli, ABfloat16ModelRunsInBfloat16UnlessDtypeSaysOtherwise) {
@@ -83,6 +96,50 @@ TEST(StarterCli, TextThatIsNotUtf8IsWrittenWithReplacementCharactersAndExactIds)
   EXPECT_NE(std::find(ids.begin(), ids.end(), 258), ids.end()) << sample.dump();
   EXPECT_NE(sample.at("text").get<std::string>().find("\xEF\xBF\xBD"), std::string::npos) << sample.dump();
   EXPECT_TRUE(std::filesystem::exists(dir / "capture.safetensors")) << err;
+}
+
+std::vector<int64_t> prompt_tokens_in(const std::filesystem::path& out) {
+  return nlohmann::json::parse(mdi::test::read_file(out)).at("samples").at(0).at("prompt_tokens").get<std::vector<int64_t>>();
+}
+
+TEST(StarterCli, AnExplicitTokenizerWinsForAModelDirectoryARandomModelAndARingAndIsLogged) {
+  MDI_REQUIRE_SHARED(shared);
+  mdi::test::ScratchDir dir;
+  const auto tok512 = (shared / "models" / "stories260K" / "tok512.bin").string();
+  // random weights: prepare_model writes its synthetic byte-level tokenizer into the directory
+  mdi::test::ChildProcess prepare({(mdi::test::bin_dir() / "prepare_model").string(), "random:stories260K", "--n-nodes", "2", "--out",
+                                   (dir / "m").string()},
+                                  dir.path(), "prepare");
+  ASSERT_EQ(prepare.wait(std::chrono::seconds(60)), 0) << prepare.err();
+  const auto config = mdi::test::loopback_nodes_config(2, {{"connect_s", 20}, {"accept_s", 20}, {"receive_s", 20}, {"http_init_s", 30}});
+  std::ofstream(dir / "nodes.json") << config.dump(2);
+  mdi::test::ChildProcess secondary({(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", (dir / "nodes.json").string(), "0",
+                                     "--device", "cpu", "--threads", "1", "--chunk-cache", (dir / "cache").string()},
+                                    dir.path(), "secondary0");
+  const std::vector<int64_t> tok512_ids = {1, 403, 407, 261, 378};  // "Once upon a time", reference/llama2c_greedy.json
+  const std::vector<std::vector<std::string>> runs = {
+      {"--ckpt", (dir / "m").string()},
+      {"--ckpt", "random:stories260K"},
+      {"--ckpt", (dir / "m").string(), "--nodes-config", (dir / "nodes.json").string()},
+  };
+  for (const auto& where : runs) {
+    std::vector<std::string> args = {"--tokenizer", tok512, "--prompt", "Once upon a time", "--n-tokens", "2", "--threads", "1", "--out",
+                                     (dir / "out.json").string()};
+    args.insert(args.begin(), where.begin(), where.end());
+    const auto [code, err] = run_starter(dir, args);
+    ASSERT_EQ(code, 0) << where[1] << "\n" << err;
+    EXPECT_EQ(prompt_tokens_in(dir / "out.json"), tok512_ids) << where.back();
+    EXPECT_NE(err.find("tokenizer " + tok512 + " (--tokenizer, 512 tokens)"), std::string::npos) << err;
+  }
+  EXPECT_EQ(secondary.wait(std::chrono::seconds(30)), 0) << secondary.err();
+
+  // Llama 2's 32000 tokens would index past this model's 512-row embedding.
+  const auto llama2 = (shared / "tokenizers" / "llama2" / "tokenizer.model").string();
+  for (const std::string& ckpt : {(dir / "m").string(), std::string("random:stories260K")}) {
+    const auto [code, err] = run_starter(dir, {"--ckpt", ckpt, "--tokenizer", llama2, "--prompt", "Hi", "--n-tokens", "1"});
+    EXPECT_EQ(code, 1) << ckpt;
+    EXPECT_NE(err.find("tokenizer " + llama2 + " has 32000 tokens, more than the model's vocabulary of 512"), std::string::npos) << err;
+  }
 }
 
 }  // namespace

@@ -47,8 +47,8 @@ std::optional<int64_t> SampleProgress::advance(const float* logits, int64_t voca
     stop_ = StopReason::eos;
   else if (generated() >= max_new_tokens_)
     stop_ = StopReason::length;
-  else if (static_cast<int64_t>(tokens_.size()) >= max_seq_len_)
-    stop_ = StopReason::context;  // the next token would have no position left
+  else if (static_cast<int64_t>(tokens_.size()) > max_seq_len_)
+    stop_ = StopReason::context;  // chosen from the last position's logits: kept, but it has no position to be fed at
   return token;
 }
 

@@ -35,14 +35,13 @@ nlohmann::json read_json_file(const fs::path& path) {
     fail(path, std::string("malformed JSON: ") + e.what());
   }
 }
+}  // namespace
 
-// The tokenizer file shipped in a model directory, if any.
 std::optional<fs::path> tokenizer_in(const fs::path& dir) {
   for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer.bin"})
     if (fs::exists(dir / name)) return dir / name;
   return std::nullopt;
 }
-}  // namespace
 
 std::vector<std::string> chunk_tensor_names(const ModelConfig& config, const ChunkSpec& spec) {
   std::vector<std::string> names;
@@ -312,11 +311,11 @@ const std::vector<RandomPreset>& random_presets() {
 
 class RandomReader : public CheckpointReader {
  public:
-  RandomReader(ModelConfig config, uint64_t seed, std::string description)
-      : config_(std::move(config)), seed_(seed), description_(std::move(description)) {}
+  RandomReader(ModelConfig config, uint64_t seed, std::optional<fs::path> tokenizer, std::string description)
+      : config_(std::move(config)), seed_(seed), tokenizer_(std::move(tokenizer)), description_(std::move(description)) {}
 
   const ModelConfig& config() const override { return config_; }
-  std::optional<fs::path> tokenizer() const override { return std::nullopt; }
+  std::optional<fs::path> tokenizer() const override { return tokenizer_; }
   std::string description() const override { return description_; }
   bool has(const std::string& name) const override {
     if (name == tensor_name::kLmHead) return !config_.tied_embeddings;
@@ -339,6 +338,7 @@ class RandomReader : public CheckpointReader {
  private:
   ModelConfig config_;
   uint64_t seed_;
+  std::optional<fs::path> tokenizer_;
   std::string description_;
 };
 }  // namespace
@@ -352,7 +352,7 @@ std::unique_ptr<CheckpointReader> open_safetensors(ModelConfig config, const std
   return std::make_unique<SafetensorsReader>(std::move(config), files, std::move(tokenizer), std::move(description));
 }
 
-std::unique_ptr<CheckpointReader> open_hf_directory(const fs::path& dir) {
+std::unique_ptr<CheckpointReader> open_hf_directory(const fs::path& dir, std::optional<fs::path> tokenizer) {
   if (!fs::is_directory(dir)) fail(dir, "not a directory");
   if (!fs::exists(dir / "config.json")) fail(dir, "no config.json: not a Hugging Face model directory");
   ModelConfig config = ModelConfig::from_hf_json(read_json_file(dir / "config.json"), (dir / "config.json").string());
@@ -372,7 +372,7 @@ std::unique_ptr<CheckpointReader> open_hf_directory(const fs::path& dir) {
   } else {
     fail(dir, "holds neither model.safetensors nor model.safetensors.index.json");
   }
-  return open_safetensors(config, files, tokenizer_in(dir), "Hugging Face model " + dir.string());
+  return open_safetensors(config, files, tokenizer ? tokenizer : tokenizer_in(dir), "Hugging Face model " + dir.string());
 }
 
 std::vector<std::string> random_preset_names() {
@@ -381,13 +381,13 @@ std::vector<std::string> random_preset_names() {
   return names;
 }
 
-std::unique_ptr<CheckpointReader> open_random(const std::string& spec, uint64_t seed) {
+std::unique_ptr<CheckpointReader> open_random(const std::string& spec, uint64_t seed, std::optional<fs::path> tokenizer) {
   const std::string what = spec.substr(std::string("random:").size());
   for (auto& p : random_presets())
-    if (what == p.name) return std::make_unique<RandomReader>(p.config, seed, std::string("random-weight ") + p.description);
+    if (what == p.name) return std::make_unique<RandomReader>(p.config, seed, tokenizer, std::string("random-weight ") + p.description);
   if (what.size() > 5 && what.substr(what.size() - 5) == ".json") {
     ModelConfig config = ModelConfig::from_hf_json(read_json_file(what), what);
-    return std::make_unique<RandomReader>(config, seed, "random-weight model of " + what);
+    return std::make_unique<RandomReader>(config, seed, tokenizer, "random-weight model of " + what);
   }
   std::string names;
   for (auto& n : random_preset_names()) names += (names.empty() ? "" : ", ") + n;
@@ -395,10 +395,10 @@ std::unique_ptr<CheckpointReader> open_random(const std::string& spec, uint64_t 
 }
 
 std::unique_ptr<CheckpointReader> open_checkpoint(const std::string& spec, std::optional<fs::path> tokenizer, uint64_t seed) {
-  if (spec.rfind("random:", 0) == 0) return open_random(spec, seed);
+  if (spec.rfind("random:", 0) == 0) return open_random(spec, seed, tokenizer);
   fs::path path(spec);
   if (!fs::exists(path)) fail(path, "no such file or directory");
-  if (fs::is_directory(path)) return open_hf_directory(path);
+  if (fs::is_directory(path)) return open_hf_directory(path, tokenizer);
   if (path.extension() == ".bin") {
     if (!tokenizer) {
       // llama2.c keeps its tokenizer beside the model under a few usual names.

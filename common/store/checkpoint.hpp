@@ -55,13 +55,18 @@ std::unique_ptr<CheckpointReader> open_llama2c(const std::filesystem::path& bin,
 // directory's shards, or one prepare_model chunk.
 std::unique_ptr<CheckpointReader> open_safetensors(ModelConfig config, const std::vector<std::filesystem::path>& files,
                                                    std::optional<std::filesystem::path> tokenizer, std::string description);
-// A Hugging Face directory: config.json + model.safetensors or model.safetensors.index.json.
-std::unique_ptr<CheckpointReader> open_hf_directory(const std::filesystem::path& dir);
+// A Hugging Face directory: config.json + model.safetensors or model.safetensors.index.json; its
+// tokenizer is `tokenizer` where given, else the one the directory holds (tokenizer_in).
+std::unique_ptr<CheckpointReader> open_hf_directory(const std::filesystem::path& dir,
+                                                    std::optional<std::filesystem::path> tokenizer = {});
 // random:PRESET or random:path/config.json: real shapes, weights drawn from `seed` tensor by tensor.
-std::unique_ptr<CheckpointReader> open_random(const std::string& spec, uint64_t seed);
+// Random weights come with no tokenizer but the one given.
+std::unique_ptr<CheckpointReader> open_random(const std::string& spec, uint64_t seed,
+                                              std::optional<std::filesystem::path> tokenizer = {});
 std::vector<std::string> random_preset_names();
 
-// Any of the above, by what `spec` is. Errors name the path and the problem.
+// Any of the above, by what `spec` is; a `tokenizer` given wins over the one the model comes with.
+// Errors name the path and the problem.
 std::unique_ptr<CheckpointReader> open_checkpoint(const std::string& spec, std::optional<std::filesystem::path> tokenizer = {},
                                                   uint64_t seed = 0);
 
@@ -69,6 +74,10 @@ std::unique_ptr<CheckpointReader> open_checkpoint(const std::string& spec, std::
 struct LoadCancelled : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// The tokenizer file a model directory holds: the first of tokenizer.json, tokenizer.model,
+// tokenizer.bin (load_tokenizer's order), if any.
+std::optional<std::filesystem::path> tokenizer_in(const std::filesystem::path& dir);
 
 // Reads only the chunk's tensors, converted straight to `device` and `dtype`.
 // `cancel` is checked before every layer, so a node told to stop gives up a long

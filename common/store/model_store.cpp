@@ -1,10 +1,12 @@
 #include "common/store/model_store.hpp"
 
 #include <fstream>
+#include <set>
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "common/model/tokenizer/tokenizer.hpp"
 #include "common/store/atomic_file.hpp"
 
 namespace mdi {
@@ -49,6 +51,26 @@ void copy_atomic(const fs::path& from, const fs::path& to) {
   fs::copy_file(from, partial, fs::copy_options::overwrite_existing);
   fs::rename(partial, to);
 }
+
+// The tokenizer files of a model directory but those named in `keep`, so that the one installed is the one loaded.
+void remove_tokenizers(const fs::path& dir, const std::set<std::string>& keep = {}) {
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tokenizer.bin"})
+    if (!keep.count(name)) fs::remove(dir / name);
+}
+
+// Removes every split of the model in `dir` before another model replaces it there: a split
+// left behind would hold the old weights (or dtype) under the new model's name.
+void remove_splits(const fs::path& dir, const std::string& old_model, const std::string& new_model) {
+  const fs::path chunks = dir / "chunks";
+  std::set<std::string> names;
+  if (fs::is_directory(chunks))
+    for (const auto& entry : fs::directory_iterator(chunks)) names.insert(entry.path().filename().string());
+  std::string splits;
+  for (const auto& name : names) splits += (splits.empty() ? "" : ", ") + name;
+  spdlog::warn("{} held {}; converting {} replaces it{}", dir.string(), old_model, new_model,
+               splits.empty() ? std::string() : " and removes its splits (" + splits + "), which would no longer match it");
+  fs::remove_all(chunks);
+}
 }  // namespace
 
 bool write_model_directory(const CheckpointReader& reader, const fs::path& dir, torch::ScalarType dtype, const std::string& source_id,
@@ -56,12 +78,17 @@ bool write_model_directory(const CheckpointReader& reader, const fs::path& dir, 
   const fs::path weights = dir / "model.safetensors";
   if (fs::exists(dir / "config.json") && fs::exists(weights)) {
     SafetensorsFile existing(weights);
-    auto src = existing.metadata().find(kSourceKey);
-    auto dt = existing.metadata().find(kDtypeKey);
-    if (src != existing.metadata().end() && src->second == source_id && dt != existing.metadata().end() && dt->second == dtype_name(dtype)) {
+    auto metadata = [&](const char* key, const char* unrecorded) {
+      auto it = existing.metadata().find(key);
+      return it == existing.metadata().end() ? std::string(unrecorded) : it->second;
+    };
+    const std::string held_source = metadata(kSourceKey, "a model of unrecorded source"), held_dtype = metadata(kDtypeKey, "unrecorded dtype");
+    if (held_source == source_id && held_dtype == dtype_name(dtype)) {
       spdlog::info("reusing the converted model in {}", dir.string());
+      if (auto tok = reader.tokenizer()) install_tokenizer(dir, *tok);
       return false;
     }
+    remove_splits(dir, held_source + " as " + held_dtype, source_id + " as " + dtype_name(dtype));
   }
   fs::create_directories(dir);
   const ModelConfig& c = reader.config();
@@ -75,16 +102,41 @@ bool write_model_directory(const CheckpointReader& reader, const fs::path& dir, 
   write_file_atomic((dir / "config.json").string(), config.dump(2) + "\n");
 
   if (auto tok = reader.tokenizer()) {
-    const std::string ext = tok->extension().string();
-    const fs::path target = dir / (ext == ".json" ? "tokenizer.json" : ext == ".model" ? "tokenizer.model" : "tokenizer.bin");
-    if (fs::absolute(*tok) != fs::absolute(target)) copy_atomic(*tok, target);
-    if (ext == ".json" && fs::exists(tok->parent_path() / "tokenizer_config.json") && tok->parent_path() != dir)
-      copy_atomic(tok->parent_path() / "tokenizer_config.json", dir / "tokenizer_config.json");
+    install_tokenizer(dir, *tok);
   } else {
-    spdlog::warn("{} ships no tokenizer: writing a synthetic byte-level tokenizer.bin (vocab {})", reader.description(), c.vocab_size);
+    spdlog::warn("{} ships no tokenizer: writing a synthetic byte-level tokenizer.bin (vocab {}); --tokenizer PATH ships a real one",
+                 reader.description(), c.vocab_size);
+    remove_tokenizers(dir);
     write_synthetic_tokenizer(dir / "tokenizer.bin", c.vocab_size);
   }
   return true;
+}
+
+void install_tokenizer(const fs::path& dir, const fs::path& tokenizer) {
+  const auto file = fs::is_directory(tokenizer) ? tokenizer_in(tokenizer) : std::optional<fs::path>(tokenizer);
+  if (!file) throw CheckpointError(tokenizer.string() + ": holds no tokenizer.json, tokenizer.model or tokenizer.bin");
+  const std::string ext = file->extension().string();
+  const fs::path target = dir / (ext == ".json" ? "tokenizer.json" : ext == ".model" ? "tokenizer.model" : "tokenizer.bin");
+  // tokenizer.json's special tokens (BOS among them) may live in the config beside it
+  const fs::path config = file->parent_path() / "tokenizer_config.json";
+  const bool with_config = ext == ".json" && fs::exists(config);
+  if (fs::exists(target) && fs::equivalent(*file, target)) {  // the directory's own: only the others go
+    remove_tokenizers(dir, with_config ? std::set<std::string>{"tokenizer.json", "tokenizer_config.json"}
+                                       : std::set<std::string>{target.filename().string()});
+    return;
+  }
+  remove_tokenizers(dir);
+  copy_atomic(*file, target);
+  if (with_config) copy_atomic(config, dir / "tokenizer_config.json");
+}
+
+std::unique_ptr<Tokenizer> load_tokenizer_for(const fs::path& path, const ModelConfig& config) {
+  auto tokenizer = load_tokenizer(path);
+  if (tokenizer->vocab_size() > config.vocab_size)
+    throw CheckpointError("tokenizer " + path.string() + " has " + std::to_string(tokenizer->vocab_size()) +
+                          " tokens, more than the model's vocabulary of " + std::to_string(config.vocab_size) +
+                          ": pass the model's own tokenizer (--tokenizer PATH)");
+  return tokenizer;
 }
 
 ChunkManifest write_chunks(const fs::path& dir, const std::vector<int64_t>& layer_counts, const ProgressCallback& progress) {
@@ -128,11 +180,8 @@ NodeChunk open_chunk_file(const ChunkManifest& manifest, const ChunkEntry& entry
   NodeChunk chunk;
   chunk.entry = entry;
   chunk.file = file;
-  std::optional<fs::path> tokenizer;
   const fs::path model_dir = file.parent_path().parent_path().parent_path();
-  for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer.bin"})
-    if (!tokenizer && fs::exists(model_dir / name)) tokenizer = model_dir / name;
-  chunk.reader = open_safetensors(manifest.model, {file}, tokenizer, "chunk " + file.string());
+  chunk.reader = open_safetensors(manifest.model, {file}, tokenizer_in(model_dir), "chunk " + file.string());
   return chunk;
 }
 
