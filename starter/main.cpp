@@ -271,6 +271,7 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
     cluster.init_all(manifest, mdi::manifest_path(model_dir, n_nodes).parent_path(), settings);
     mdi::LinkOptions link_options;
     link_options.on_error = [](const std::string& error) { spdlog::error("{}", error); };
+    link_options.max_payload_bytes = mdi::inference_payload_cap(config.dim, config.max_seq_len, mdi::kBatchInvariantRows);
     mdi::RingLinks links = mdi::connect_ring(nodes, 0, settings.run_id, link_options);
     spdlog::info("ring up: {} samples in flight", samples.size());
 

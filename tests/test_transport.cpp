@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -446,6 +447,35 @@ TEST(Transport, OversizedFrameIsRefusedBeforeItsPayload) {
   AcceptedRawPeer node(config);
   node.peer->send_frame(float_frame(FrameType::Activations, 0, 1024));
   EXPECT_THAT(wait_for_failure(*node.link, 5s), HasSubstr("payload_bytes 4096 exceeds the limit 1024"));
+}
+
+// The model's cap, not only max_frame_bytes: a 64-byte header claiming [2^20, 255] F32
+// (1020 MiB, under the 1 GiB default) must not make the node allocate it.
+TEST(Transport, HeaderOverTheModelCapIsRefusedWithoutAllocating) {
+  LinkOptions options;
+  options.max_payload_bytes = inference_payload_cap(64, 512, 32);
+  AcceptedRawPeer node(loopback_ring(2), options);
+  FrameHeader huge;
+  huge.type = FrameType::Activations;
+  huge.dtype = WireDType::F32;
+  huge.ndim = 2;
+  huge.shape = {1u << 20, 255, 0, 0};
+  huge.n_tokens = 1u << 20;
+  huge.payload_bytes = uint64_t{1u << 20} * 255 * 4;
+  uint8_t header[kFrameHeaderBytes];
+  encode_header(huge, header);
+  rusage before{};
+  ::getrusage(RUSAGE_SELF, &before);
+  node.peer->send_bytes(header, sizeof header);
+
+  const std::string error = wait_for_failure(*node.link, 5s);
+  EXPECT_THAT(error, HasSubstr(node.prev_name()));
+  EXPECT_THAT(error, HasSubstr("payload_bytes 1069547520 exceeds the limit " + std::to_string(options.max_payload_bytes) +
+                               " (what the run's model allows one frame)"));
+  EXPECT_TRUE(node.peer->closed_by_peer(5s));
+  rusage after{};
+  ::getrusage(RUSAGE_SELF, &after);
+  EXPECT_LT(after.ru_maxrss - before.ru_maxrss, 64 * 1024) << "peak RSS grew by " << (after.ru_maxrss - before.ru_maxrss) << " KiB";
 }
 
 TEST(Transport, ConnectGivesUpAtTheDeadlineNamingTheAddress) {

@@ -291,9 +291,18 @@ LinkStats TcpLink::stats() const {
 
 const std::string& TcpLink::peer() const { return impl_->peer; }
 
+FrameLimits socket_io::frame_limits(const NodesConfig& config, const LinkOptions& options) {
+  FrameLimits limits{config.max_frame_bytes, options.max_tokens};
+  if (options.max_payload_bytes != 0 && options.max_payload_bytes < limits.max_payload_bytes) {
+    limits.max_payload_bytes = options.max_payload_bytes;
+    limits.payload_limit_source = "what the run's model allows one frame";
+  }
+  return limits;
+}
+
 std::unique_ptr<TcpLink> socket_io::make_tcp_link(tcp::socket socket, std::string peer, const NodesConfig& config,
                                 const LinkOptions& options) {
-  const FrameLimits limits{config.max_frame_bytes, options.max_tokens};
+  const FrameLimits limits = frame_limits(config, options);
   return std::make_unique<TcpLink>(
       std::make_unique<TcpLink::Impl>(std::move(socket), std::move(peer), config.timeouts, limits, options));
 }

@@ -24,7 +24,11 @@ namespace mdi {
 struct LinkOptions {
   size_t inbound_capacity = 16;                    // frames; when full, the link stops reading (backpressure)
   size_t outbound_capacity = 16;                   // frames; when full, send() waits
-  uint32_t max_tokens = FrameLimits{}.max_tokens;  // the payload cap is NodesConfig::max_frame_bytes
+  uint32_t max_tokens = FrameLimits{}.max_tokens;
+  // What the run's model allows one frame's payload (e.g. inference_payload_cap()), checked
+  // against each received header before its payload is allocated; 0: no such cap.
+  // NodesConfig::max_frame_bytes stays the outer limit.
+  uint64_t max_payload_bytes = 0;
   // Called once, with the link's error, from one of the link's threads or from the
   // send() whose write failed. It may call close() but must not destroy the link.
   std::function<void(const std::string& error)> on_error;

@@ -157,7 +157,7 @@ std::unique_ptr<TcpLink> RingListener::accept_prev(uint64_t run_id, const LinkOp
   const std::string expected = node_text(prev_index, prev.addr, prev.port_out);
   const std::string doing = "ring index " + std::to_string(self.my_index) + ": accepting " + expected + " on port_in " +
                             std::to_string(config.node(self.my_index).port_in);
-  const FrameLimits limits{config.max_frame_bytes, options.max_tokens};
+  const FrameLimits limits = frame_limits(config, options);
 
   std::vector<asio::ip::address> prev_addresses;
   try {
@@ -217,7 +217,7 @@ std::unique_ptr<TcpLink> connect_next(const NodesConfig& config, size_t my_ring_
   const std::string target = node_text(next_index, next.addr, next.port_in);
   const std::string doing = "ring index " + std::to_string(my_ring_index) + ": connecting from port_out " +
                             std::to_string(me.port_out) + " to " + target;
-  const FrameLimits limits{config.max_frame_bytes, options.max_tokens};
+  const FrameLimits limits = frame_limits(config, options);
 
   tcp::endpoint remote, local;
   try {

@@ -38,6 +38,9 @@ void write_frame(int fd, const Frame& frame, milliseconds idle_timeout);
 // gives up when no byte arrives for `idle_timeout`. Throws TransportError.
 Frame read_frame(int fd, const FrameLimits& limits, milliseconds idle_timeout);
 
+// What a link of `config` built with `options` accepts: the smaller payload cap wins.
+FrameLimits frame_limits(const NodesConfig& config, const LinkOptions& options);
+
 // A TcpLink over `socket`, once ring setup has connected it and exchanged Hellos.
 std::unique_ptr<TcpLink> make_tcp_link(tcp::socket socket, std::string peer, const NodesConfig& config, const LinkOptions& options);
 

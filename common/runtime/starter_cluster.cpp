@@ -1,7 +1,11 @@
 #include "common/runtime/starter_cluster.hpp"
 
+#include <sys/random.h>
+
+#include <cerrno>
+#include <cstring>
 #include <future>
-#include <random>
+#include <stdexcept>
 
 #include <spdlog/spdlog.h>
 
@@ -10,9 +14,18 @@
 
 namespace mdi {
 
+// From the kernel's CSPRNG: a run id must not be guessable from an earlier one.
 uint64_t new_run_id() {
-  std::random_device os;
-  return os() | (uint64_t{os()} << 32);
+  uint64_t id = 0;
+  auto* bytes = reinterpret_cast<unsigned char*>(&id);
+  size_t got = 0;
+  while (got < sizeof id) {
+    const ssize_t n = getrandom(bytes + got, sizeof id - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw std::runtime_error(std::string("new_run_id: getrandom failed: ") + std::strerror(errno));
+    got += static_cast<size_t>(n);
+  }
+  return id;
 }
 
 namespace fs = std::filesystem;

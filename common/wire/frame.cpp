@@ -167,7 +167,7 @@ FrameHeader decode_header(const uint8_t in[kFrameHeaderBytes], const FrameLimits
                             " exceeds the sequence limit " + std::to_string(limits.max_tokens));
   if (h.payload_bytes > limits.max_payload_bytes)
     reject("payload_bytes", std::to_string(h.payload_bytes) + " exceeds the limit " +
-                                std::to_string(limits.max_payload_bytes) + " (max_frame_bytes)");
+                                std::to_string(limits.max_payload_bytes) + " (" + limits.payload_limit_source + ")");
   if (h.ndim == 0) {
     if (h.payload_bytes != 0)
       reject("payload_bytes", std::to_string(h.payload_bytes) + " must be 0 when ndim is 0 (no tensor)");
@@ -187,6 +187,11 @@ FrameHeader decode_header(const uint8_t in[kFrameHeaderBytes], const FrameLimits
     reject("payload_bytes", std::to_string(h.payload_bytes) + " " + wire_dtype_name(h.dtype) +
                                 " does not hold a Hello (" + std::to_string(kHelloPayloadBytes) + " U8 bytes)");
   return h;
+}
+
+uint64_t inference_payload_cap(uint64_t dim, uint64_t max_seq_len, uint64_t batch_rows) {
+  const uint64_t rows = std::max(max_seq_len, batch_rows);
+  return rows * (dim * wire_dtype_size(WireDType::F32) + kBatchSegmentBytes);
 }
 
 Frame make_tensor_frame(FrameType type, uint32_t sample_id, uint32_t start_pos, WireDType dtype,

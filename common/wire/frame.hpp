@@ -98,7 +98,15 @@ struct Frame {
 struct FrameLimits {
   uint64_t max_payload_bytes = 1ull << 30;
   uint32_t max_tokens = 1 << 20;  // longest sequence a frame may refer to: start_pos + n_tokens
+  const char* payload_limit_source = "max_frame_bytes";  // what set max_payload_bytes, for the error
 };
+
+// The largest payload an inference run's frames need, so that a header claiming more is
+// refused before anything is allocated: rows of `dim` elements of the widest activation
+// dtype (F32), plus an ActivationBatch segment entry per row at most. A frame carries
+// a micro-batch of up to `batch_rows` rows, or one longer sample (a prompt of at most
+// max_seq_len tokens) alone; Capture frames carry the same rows.
+uint64_t inference_payload_cap(uint64_t dim, uint64_t max_seq_len, uint64_t batch_rows);
 
 struct ProtocolError : std::runtime_error {
   using std::runtime_error::runtime_error;
