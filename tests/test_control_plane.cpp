@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -11,6 +12,9 @@
 #include <future>
 #include <mutex>
 #include <random>
+
+#include <spdlog/sinks/base_sink.h>
+#include <spdlog/spdlog.h>
 
 #include "common/store/sha256.hpp"
 #include "tests/support.hpp"
@@ -50,12 +54,18 @@ void add_json_routes(ControlServer& server) {
 // will not send: malformed bodies, two requests on one connection, stalls.
 class RawConnection {
  public:
-  explicit RawConnection(uint16_t port) : fd_(::socket(AF_INET, SOCK_STREAM, 0)) {
+  // Unconnected, so that the socket exists before a test takes the descriptors away.
+  RawConnection() : fd_(::socket(AF_INET, SOCK_STREAM, 0)) {
+    if (fd_ < 0) throw std::runtime_error(std::string("socket() failed: ") + std::strerror(errno));
+  }
+  explicit RawConnection(uint16_t port) : RawConnection() { connect(port); }
+
+  void connect(uint16_t port) {
     sockaddr_in address{};
     address.sin_family = AF_INET;
     address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     address.sin_port = htons(port);
-    if (fd_ < 0 || ::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0)
+    if (::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0)
       throw std::runtime_error("cannot connect to 127.0.0.1:" + std::to_string(port));
   }
   ~RawConnection() { close(); }
@@ -99,7 +109,8 @@ class RawConnection {
  private:
   // False on end of stream, error or deadline.
   bool receive_some(Clock::time_point deadline) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    // Rounded up, so that a poll that times out ends at or after the deadline.
+    auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
     pollfd readable{fd_, POLLIN, 0};
     if (left <= 0 || ::poll(&readable, 1, static_cast<int>(left)) != 1) return false;
     char buffer[65536];
@@ -135,6 +146,62 @@ void write_random_file(const fs::path& path, size_t bytes) {
 size_t files_in(const fs::path& dir) {
   return static_cast<size_t>(std::distance(fs::directory_iterator(dir), fs::directory_iterator()));
 }
+
+// While alive, the default logger's lines go here instead of stderr.
+class CapturedLog {
+ public:
+  CapturedLog() : previous_(spdlog::default_logger()), sink_(std::make_shared<Sink>()) {
+    spdlog::set_default_logger(std::make_shared<spdlog::logger>("captured", sink_));
+  }
+  ~CapturedLog() { spdlog::set_default_logger(previous_); }
+
+  size_t lines_with(const std::string& part) const { return sink_->lines_with(part); }
+
+ private:
+  class Sink : public spdlog::sinks::base_sink<std::mutex> {
+   public:
+    size_t lines_with(const std::string& part) {
+      std::lock_guard lock(mutex_);
+      return static_cast<size_t>(std::count_if(lines_.begin(), lines_.end(), [&](const std::string& line) { return contains(line, part); }));
+    }
+
+   protected:
+    void sink_it_(const spdlog::details::log_msg& message) override { lines_.emplace_back(message.payload.data(), message.payload.size()); }
+    void flush_() override {}
+
+   private:
+    std::vector<std::string> lines_;
+  };
+  std::shared_ptr<spdlog::logger> previous_;
+  std::shared_ptr<Sink> sink_;
+};
+
+// CPU time this process has used, all threads together.
+std::chrono::microseconds process_cpu_time() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  auto of = [](const timeval& t) { return std::chrono::seconds(t.tv_sec) + std::chrono::microseconds(t.tv_usec); };
+  return of(usage.ru_utime) + of(usage.ru_stime);
+}
+
+// Lowers this process's soft open-file limit so that no descriptor can be opened
+// (every number below the limit is taken); restores it when it dies.
+class NoFreeDescriptors {
+ public:
+  NoFreeDescriptors() {
+    ::getrlimit(RLIMIT_NOFILE, &saved_);
+    const int lowest_free = ::dup(0);
+    ::close(lowest_free);
+    rlimit lowered = saved_;
+    lowered.rlim_cur = static_cast<rlim_t>(lowest_free);
+    if (::setrlimit(RLIMIT_NOFILE, &lowered) != 0) throw std::runtime_error("setrlimit failed");
+  }
+  ~NoFreeDescriptors() { restore(); }
+  void restore() { ::setrlimit(RLIMIT_NOFILE, &saved_); }
+
+ private:
+  rlimit saved_{};
+};
 
 TEST(ControlPlaneHelpers, ParseJsonBodyThrowsHttp400OnMalformedJson) {
   HttpRequest request;
@@ -530,3 +597,113 @@ TEST(RequestWithRetry, GivesUpAfterTheDeadlineWithTheLastCause) {
 }
 
 }  // namespace
+
+TEST(ControlServer, AcceptFailuresBackOffAndAreLoggedOnceUntilDescriptorsAreFreeAgain) {
+  CapturedLog log;
+  ControlServer server(loopback_options());
+  add_json_routes(server);
+  server.start();
+
+  std::vector<std::unique_ptr<RawConnection>> clients;
+  for (int i = 0; i < 5; ++i) clients.push_back(std::make_unique<RawConnection>());
+  {
+    NoFreeDescriptors exhausted;
+    for (auto& client : clients) client->connect(server.port());  // queued: every accept() fails with EMFILE
+    ASSERT_TRUE(mdi::test::wait_until([&] { return log.lines_with("accept failed: Too many open files") > 0; }, 5s));
+    // A server that retried at once would spin for the whole second.
+    const auto cpu_before = process_cpu_time();
+    EXPECT_FALSE(mdi::test::wait_until([&] { return process_cpu_time() - cpu_before > 300ms; }, 1s));
+  }
+  EXPECT_EQ(log.lines_with("accept failed"), 1u);
+  EXPECT_EQ(log.lines_with("retrying in 50 ms"), 1u);
+  // The longest wait is 1 s, so every queued connection is served soon after.
+  const auto restored_at = Clock::now();
+  for (auto& client : clients) {
+    client->send("GET /ping HTTP/1.1\r\nHost: test\r\n\r\n");
+    EXPECT_EQ(status_of(client->read_response(3s)), 200);
+  }
+  EXPECT_LT(Clock::now() - restored_at, 2500ms);
+}
+
+TEST(ControlServer, PastMaxSessionsANewConnectionDisplacesTheOneIdleLongest) {
+  CapturedLog log;
+  auto options = loopback_options();
+  options.max_sessions = 2;
+  ControlServer server(options);
+  add_json_routes(server);
+  server.start();
+
+  RawConnection oldest(server.port()), newer(server.port());
+  RawConnection latest(server.port());
+  latest.send("GET /ping HTTP/1.1\r\nHost: test\r\n\r\n");
+  EXPECT_EQ(status_of(latest.read_response()), 200);
+  EXPECT_TRUE(oldest.closed_by_peer_within(2s));
+  EXPECT_FALSE(newer.closed_by_peer_within(200ms));
+  newer.send("GET /ping HTTP/1.1\r\nHost: test\r\n\r\n");
+  EXPECT_EQ(status_of(newer.read_response()), 200);
+  EXPECT_EQ(log.lines_with("2 connections open, the limit: closed the one idle longest"), 1u);
+}
+
+TEST(ControlServer, PastMaxSessionsWithEverySessionMidRequestANewConnectionGets503) {
+  auto options = loopback_options();
+  options.max_sessions = 2;
+  ControlServer server(options);
+  add_json_routes(server);
+  server.start();
+
+  // Each waits for 100 Continue, so the server is reading its body when the third comes.
+  const std::string body = "{\"a\": 1}";
+  std::vector<std::unique_ptr<RawConnection>> busy;
+  for (int i = 0; i < 2; ++i) {
+    busy.push_back(std::make_unique<RawConnection>(server.port()));
+    busy.back()->send("POST /echo HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: " +
+                      std::to_string(body.size()) + "\r\n\r\n");
+    ASSERT_EQ(status_of(busy.back()->read_response()), 100);
+  }
+  RawConnection refused(server.port());
+  refused.send("GET /ping HTTP/1.1\r\nHost: test\r\n\r\n");
+  const std::string answer = refused.read_response();
+  EXPECT_EQ(status_of(answer), 503) << answer;
+  EXPECT_TRUE(contains(answer, "too many connections (2 open); retry later")) << answer;
+  EXPECT_TRUE(refused.closed_by_peer_within(2s));
+
+  for (auto& connection : busy) {
+    connection->send(body);
+    EXPECT_EQ(status_of(connection->read_response()), 200);
+  }
+  // Both are idle again, so the next connection gets in.
+  EXPECT_EQ(ControlClient("127.0.0.1", server.port()).request("GET", "/ping").status, 200);
+}
+
+TEST(ControlServer, IdleConnectionsAreClosedAfterIdleTimeoutNotReadTimeout) {
+  auto options = loopback_options();
+  options.idle_timeout = 300ms;
+  ControlServer server(options);
+  add_json_routes(server);
+  server.start();
+
+  RawConnection fresh(server.port());
+  RawConnection answered(server.port());
+  answered.send("GET /ping HTTP/1.1\r\nHost: test\r\n\r\n");
+  ASSERT_EQ(status_of(answered.read_response()), 200);
+  const auto since = Clock::now();
+  EXPECT_TRUE(fresh.closed_by_peer_within(3s));
+  EXPECT_TRUE(answered.closed_by_peer_within(3s));
+  EXPECT_GE(Clock::now() - since, 250ms);
+  EXPECT_LT(Clock::now() - since, 2s);
+}
+
+TEST(ControlServer, DroppedConnectionsAreLoggedAtMostFivePerTenSeconds) {
+  CapturedLog log;
+  ControlServer server(loopback_options());
+  add_json_routes(server);
+  server.start();
+
+  for (int i = 0; i < 20; ++i) {
+    RawConnection quitter(server.port());
+    quitter.send("POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{\"partial\":");
+  }
+  ASSERT_TRUE(mdi::test::wait_until([&] { return log.lines_with("connection dropped") == 5; }, 5s));
+  // The rest are counted, not logged: nothing more arrives while the connections end.
+  EXPECT_FALSE(mdi::test::wait_until([&] { return log.lines_with("connection dropped") > 5; }, 500ms));
+}

@@ -2,6 +2,7 @@
 // processes on loopback. After every bad input the daemon still answers.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -51,12 +52,16 @@ class Daemon : public ::testing::Test {
     return path;
   }
 
-  std::unique_ptr<ChildProcess> start_secondary(const fs::path& config, size_t index, std::map<std::string, std::string> env = {}) {
-    return std::make_unique<ChildProcess>(
-        std::vector<std::string>{(mdi::test::bin_dir() / "secondary").string(), "--nodes-config", config.string(), std::to_string(index),
-                                 "--threads", "1", "--chunk-cache", (dir_ / ("cache" + std::to_string(index))).string(),
-                                 "--chunk-dir", dir_.path().string()},
-        dir_.path(), config.stem().string() + "-secondary" + std::to_string(index), env);
+  // `launcher` goes before the binary, e.g. a shell that sets limits and execs it.
+  std::unique_ptr<ChildProcess> start_secondary(const fs::path& config, size_t index, std::map<std::string, std::string> env = {},
+                                                std::vector<std::string> launcher = {}) {
+    std::vector<std::string> argv = std::move(launcher);
+    for (std::string arg : {(mdi::test::bin_dir() / "secondary").string(), std::string("--nodes-config"), config.string(),
+                            std::to_string(index), std::string("--threads"), std::string("1"), std::string("--chunk-cache"),
+                            (dir_ / ("cache" + std::to_string(index))).string(),
+                            std::string("--chunk-dir"), dir_.path().string()})
+      argv.push_back(std::move(arg));
+    return std::make_unique<ChildProcess>(argv, dir_.path(), config.stem().string() + "-secondary" + std::to_string(index), env);
   }
 
   // Waits until the daemon answers /status (it may still be starting).
@@ -163,6 +168,56 @@ TEST_F(Daemon, AChunkPathThatIsNotARegularFileGets400AndTheNodeStaysIdle) {
   EXPECT_EQ(client.request("POST", "/init", &good).status, 200) << "a refused /init must not leave the node busy";
   EXPECT_EQ(client.request("PUT", "/stop").status, 200);
   EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
+// A loopback connection that sends nothing.
+int connect_idle(uint16_t port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in remote{AF_INET, htons(port), {htonl(INADDR_LOOPBACK)}, {}};
+  EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&remote), sizeof remote), 0);
+  return fd;
+}
+
+// Whether the peer has closed `fd` (it sends nothing else on an idle connection).
+bool closed_by_peer(int fd) {
+  pollfd readable{fd, POLLIN, 0};
+  char byte;
+  return ::poll(&readable, 1, 0) == 1 && ::recv(fd, &byte, 1, MSG_DONTWAIT) <= 0;
+}
+
+TEST_F(Daemon, WithFewFileDescriptorsIdleConnectionsNeitherLockTheStarterOutNorFloodTheLog) {
+  auto config = loopback_config(2);
+  // `ulimit -n 64`, as in the issue: the node serves at most 32 connections at once.
+  auto secondary = start_secondary(write_config(config, "fdlimit"), 0, {}, {"/bin/sh", "-c", "ulimit -n 64 && exec \"$0\" \"$@\""});
+  const auto port = config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>();
+  mdi::ControlClient client("127.0.0.1", port, "", seconds(2));
+  ASSERT_EQ(status(client).body["state"], "idle");
+
+  // A careless client's 80 idle connections: each past the 32nd displaces the one idle longest.
+  std::vector<int> idle;
+  for (int i = 0; i < 80; ++i) idle.push_back(connect_idle(port));
+  auto closed_among = [&](size_t begin, size_t end) {
+    return static_cast<size_t>(std::count_if(idle.begin() + begin, idle.begin() + end, closed_by_peer));
+  };
+  EXPECT_TRUE(mdi::test::wait_until([&] { return closed_among(0, 48) == 48; }, seconds(5)))
+      << closed_among(0, 48) << " of the 48 oldest closed";
+  EXPECT_EQ(closed_among(48, 80), 0u);
+
+  const auto asked_at = std::chrono::steady_clock::now();
+  mdi::HttpResult result{0, nullptr};
+  ASSERT_NO_THROW(result = client.request("GET", "/status"));
+  EXPECT_EQ(result.status, 200);
+  EXPECT_LT(std::chrono::steady_clock::now() - asked_at, milliseconds(500));
+  EXPECT_TRUE(mdi::test::wait_until([&] { return closed_among(48, 49) == 1; }, seconds(5))) << "the starter displaced the oldest";
+  EXPECT_EQ(closed_among(49, 80), 0u);
+  for (int fd : idle) ::close(fd);
+
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0);
+  const std::string log = secondary->err();
+  EXPECT_NE(log.find("at most 32 connections at once (half the open-file limit of 64"), std::string::npos) << log.substr(0, 2000);
+  EXPECT_LT(std::count(log.begin(), log.end(), '\n'), 20) << log.substr(0, 2000);
+  EXPECT_LT(log.size(), 4000u) << log.substr(0, 2000);
 }
 
 // Plays the starter of a 2-node ring by hand: accepts the secondary's

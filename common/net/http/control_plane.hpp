@@ -86,6 +86,16 @@ struct ControlServerOptions {
   uint64_t max_upload_bytes = 1ull << 40;
   // Bounds every read (and write): a stalled peer is dropped after this long.
   std::chrono::milliseconds read_timeout{30000};
+  // A connection waiting for a request head (after accept, or after its last
+  // answer) is closed after this long, or read_timeout if that is shorter. Such
+  // a connection holds a file descriptor and does nothing, and our own client
+  // opens a fresh connection per request, so this is short.
+  std::chrono::milliseconds idle_timeout{5000};
+  // Connections served at once; start() lowers it to half the open-file limit
+  // (RLIMIT_NOFILE), leaving the other half to the rest of the process. Past the
+  // limit a new connection displaces the one idle longest, or is answered 503
+  // when every connection is mid-request (see Connections in server.cpp).
+  size_t max_sessions = 64;
   std::filesystem::path upload_dir;  // where upload bodies land; required by upload_route
   size_t threads = 1;
 };

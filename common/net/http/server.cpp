@@ -16,8 +16,13 @@
 //                          ▼
 //                      do_linger: stop sending, read and discard until the peer
 //                      closes, so it reads the answer rather than a reset
+//
+// Connections (below) caps how many sessions are open at once, and the
+// acceptor backs off when accept() fails, so a flood of connections costs
+// bounded file descriptors and log lines, and the starter still gets in.
 #include "common/net/http/control_plane.hpp"
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,11 +30,15 @@
 #include <atomic>
 #include <cctype>
 #include <limits>
+#include <list>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <variant>
 
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
@@ -43,8 +52,61 @@ namespace {
 using namespace beast_names;
 namespace fs = std::filesystem;
 
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
 constexpr uint32_t kMaxHeaderBytes = 16 * 1024;
 constexpr size_t kLingerBufferBytes = 16 * 1024;
+constexpr milliseconds kFirstAcceptRetryDelay{50};
+constexpr milliseconds kMaxAcceptRetryDelay{1000};
+// Connections past the limit that are being answered 503 at once; any more are
+// closed unanswered, so a flood cannot turn refusals into a descriptor leak.
+constexpr size_t kMaxRefusedSessions = 4;
+
+// At most `burst` lines per interval for one kind of event; the first line
+// after that says how many were left out. A peer that can make the server
+// log per connection or per request must not be able to fill the disk.
+class LogThrottle {
+ public:
+  explicit LogThrottle(size_t burst, std::chrono::seconds interval = std::chrono::seconds(10))
+      : burst_(burst), interval_(interval) {}
+
+  // nullopt: do not log this one. Otherwise a suffix for the line: empty, or
+  // the count of lines left out since the last one logged.
+  std::optional<std::string> admit() {
+    std::lock_guard lock(mutex_);
+    const auto now = Clock::now();
+    if (now - window_start_ >= interval_) {
+      window_start_ = now;
+      logged_in_window_ = 0;
+    }
+    if (logged_in_window_ == burst_) {
+      ++left_out_;
+      return std::nullopt;
+    }
+    ++logged_in_window_;
+    std::string note;
+    if (left_out_ > 0)
+      note = " (" + std::to_string(left_out_) + " more like it not logged since the last one)";
+    left_out_ = 0;
+    return note;
+  }
+
+ private:
+  const size_t burst_;
+  const Clock::duration interval_;
+  std::mutex mutex_;
+  Clock::time_point window_start_{};
+  size_t logged_in_window_ = 0;
+  uint64_t left_out_ = 0;
+};
+
+struct LogThrottles {
+  LogThrottle accept_failures{1};
+  LogThrottle turned_away{1};  // connections displaced, refused or closed at the limit
+  LogThrottle dropped{5};       // connections that failed mid-request
+  LogThrottle error_answers{20};
+};
 
 HttpResponse error_response(int status, std::string reason) { return {status, {{"error", std::move(reason)}}}; }
 
@@ -186,22 +248,92 @@ struct Router {
   }
 };
 
+class Session;
+
+// The open sessions, against the limit. Above it, a new connection displaces
+// the session idle longest (waiting for a request head, a partial one
+// included), because idle keep-alive connections (a careless client's, or a
+// slow-loris one's) must not lock the starter out, and a client that finds its
+// idle connection closed opens another, as HTTP/1.1 clients must. Only when
+// every session is mid-request is the newcomer answered 503 "retry later":
+// those sessions are doing work and end on their own.
+class Connections {
+ public:
+  enum class Verdict { admitted, refused, closed };
+  struct Placement {
+    Verdict verdict;
+    std::shared_ptr<Session> displaced;  // admitted in its place: close it (outside this lock)
+    std::string displaced_peer;
+    milliseconds displaced_idle{0};
+  };
+
+  void set_limit(size_t limit) { limit_ = limit; }
+  size_t limit() const { return limit_; }
+
+  Placement place(const std::shared_ptr<Session>& session);
+  // A session is idle from its admission, or the end of its last answer, until
+  // a request head has arrived.
+  void set_idle(const Session* session, bool idle);
+  void forget(const Session* session);
+
+ private:
+  struct Entry {
+    const Session* key;  // still valid while its session is destructing, when `session` has expired
+    std::weak_ptr<Session> session;
+    std::optional<Clock::time_point> idle_since;
+  };
+  std::mutex mutex_;
+  size_t limit_ = 1;
+  std::list<Entry> admitted_;  // in order of admission
+  std::list<const Session*> refused_;
+};
+
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket&& socket, const Router& router) : stream_(std::move(socket)), router_(router) {
+  Session(tcp::socket&& socket, const Router& router, Connections& connections, LogThrottles& logs)
+      : stream_(std::move(socket)), router_(router), connections_(connections), logs_(logs) {
     beast::error_code ec;
     tcp::endpoint peer = stream_.socket().remote_endpoint(ec);
     peer_ = ec ? "(unknown peer)" : format_endpoint(peer.address().to_string(), peer.port());
   }
 
   // Whatever ended the session, a body that no handler took must not stay on disk.
-  ~Session() { discard_upload(); }
+  ~Session() {
+    discard_upload();
+    connections_.forget(this);
+  }
 
-  // Starts on the session's strand, so no handler of this connection runs concurrently.
+  const std::string& peer() const { return peer_; }
+
+  // Both start on the session's strand, so no handler of this connection runs concurrently.
   void run() { net::dispatch(stream_.get_executor(), beast::bind_front_handler(&Session::do_read_header, shared_from_this())); }
 
+  void refuse(size_t open) {
+    net::dispatch(stream_.get_executor(), [self = shared_from_this(), open] {
+      self->refused_ = true;
+      self->keep_alive_ = false;
+      self->do_write(error_response(503, "too many connections (" + std::to_string(open) + " open); retry later"));
+    });
+  }
+
+  // Closes the connection to make room for a newer one; Connections has already forgotten it.
+  void displace() {
+    net::post(stream_.get_executor(), [self = shared_from_this()] {
+      self->displaced_ = true;
+      beast::error_code ec;
+      self->stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
+      self->stream_.close();
+    });
+  }
+
  private:
+  void arm_deadline(milliseconds timeout) {
+    deadline_ = timeout;
+    stream_.expires_after(timeout);
+  }
+
   void do_read_header() {
+    connections_.set_idle(this, true);
     head_parser_.emplace();
     head_parser_->header_limit(kMaxHeaderBytes);
     // The route's limit is applied by admit(), once the route is known. Not
@@ -210,15 +342,17 @@ class Session : public std::enable_shared_from_this<Session> {
     json_parser_.reset();
     upload_parser_.reset();
     request_ = HttpRequest{};
-    stream_.expires_after(router_.options.read_timeout);
+    arm_deadline(std::min(router_.options.idle_timeout, router_.options.read_timeout));
     http::async_read_header(stream_, buffer_, *head_parser_,
                             beast::bind_front_handler(&Session::on_read_header, shared_from_this()));
   }
 
   void on_read_header(beast::error_code ec, size_t) {
+    connections_.set_idle(this, false);
+    if (displaced_) return;
     if (ec == http::error::end_of_stream) return;  // the peer is done with this connection
     if (ec == beast::error::timeout && !head_parser_->got_some())
-      return spdlog::debug("{}: idle connection closed after {} ms", peer_, router_.options.read_timeout.count());
+      return spdlog::debug("{}: idle connection closed after {} ms", peer_, deadline_.count());
     if (ec.category() == http::make_error_code(http::error::bad_target).category()) {
       keep_alive_ = false;
       return do_write(error_response(400, "malformed HTTP request: " + ec.message()));
@@ -273,7 +407,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void do_send_continue() {
     continue_response_ = {http::status::continue_, 11};
-    stream_.expires_after(router_.options.read_timeout);
+    arm_deadline(router_.options.read_timeout);
     http::async_write(stream_, continue_response_, beast::bind_front_handler(&Session::on_send_continue, shared_from_this()));
   }
 
@@ -285,7 +419,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // One read at a time, each with its own deadline: a large upload may take
   // long, but a peer that stops sending is dropped after read_timeout.
   void do_read_body() {
-    stream_.expires_after(router_.options.read_timeout);
+    arm_deadline(router_.options.read_timeout);
     auto on_read = beast::bind_front_handler(&Session::on_read_body, shared_from_this());
     if (upload_parser_) return http::async_read_some(stream_, buffer_, *upload_parser_, std::move(on_read));
     http::async_read_some(stream_, buffer_, *json_parser_, std::move(on_read));
@@ -338,10 +472,10 @@ class Session : public std::enable_shared_from_this<Session> {
   void do_write(HttpResponse response) {
     // Replacing invalid UTF-8 (say, echoed from a garbled target) keeps dump() from throwing.
     std::string body = response.body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-    if (response.status >= 400)
-      spdlog::warn("{} {} -> {} {}", peer_, request_line(), response.status, body);
-    else
+    if (response.status < 400 || refused_)  // a refusal was logged when the connection came
       spdlog::debug("{} {} -> {}", peer_, request_line(), response.status);
+    else if (auto note = logs_.error_answers.admit())
+      spdlog::warn("{} {} -> {} {}{}", peer_, request_line(), response.status, body, *note);
     response_ = {};
     response_.version(11);
     response_.result(static_cast<unsigned>(response.status));
@@ -349,7 +483,7 @@ class Session : public std::enable_shared_from_this<Session> {
     response_.keep_alive(keep_alive_);
     response_.body() = std::move(body);
     response_.prepare_payload();
-    stream_.expires_after(router_.options.read_timeout);
+    arm_deadline(router_.options.read_timeout);
     http::async_write(stream_, response_, beast::bind_front_handler(&Session::on_write, shared_from_this()));
   }
 
@@ -364,7 +498,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void do_linger() {
     beast::error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-    stream_.expires_after(router_.options.read_timeout);  // once: lingering is bounded in total
+    arm_deadline(router_.options.read_timeout);  // once: lingering is bounded in total
     read_and_discard();
   }
 
@@ -378,10 +512,11 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void drop(beast::error_code ec, const char* during) {
-    std::string cause = ec == beast::error::timeout
-                            ? "nothing received for " + std::to_string(router_.options.read_timeout.count()) + " ms"
-                            : ec.message();
-    spdlog::warn("{} {}: connection dropped while {}: {}", peer_, request_line(), during, cause);
+    if (displaced_) return;  // logged when it was displaced
+    std::string cause = ec == beast::error::timeout ? "nothing received for " + std::to_string(deadline_.count()) + " ms"
+                                                    : ec.message();
+    if (auto note = logs_.dropped.admit())
+      spdlog::warn("{} {}: connection dropped while {}: {}{}", peer_, request_line(), during, cause, *note);
   }
 
   std::string request_line() const {
@@ -391,7 +526,12 @@ class Session : public std::enable_shared_from_this<Session> {
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
   const Router& router_;
+  Connections& connections_;
+  LogThrottles& logs_;
   std::string peer_;
+  milliseconds deadline_{0};  // of the operation in flight, for messages
+  bool refused_ = false;      // answered 503 at the limit, never admitted
+  bool displaced_ = false;    // closed to admit a newer connection
   std::optional<http::request_parser<http::empty_body>> head_parser_;
   // Once the head is admitted, its parser moves into the one for the route's body type.
   std::optional<http::request_parser<http::string_body>> json_parser_;
@@ -407,14 +547,61 @@ class Session : public std::enable_shared_from_this<Session> {
   std::array<char, kLingerBufferBytes> linger_buffer_;
 };
 
+Connections::Placement Connections::place(const std::shared_ptr<Session>& session) {
+  std::lock_guard lock(mutex_);
+  Placement placement{Verdict::admitted, nullptr, {}, {}};
+  if (admitted_.size() >= limit_) {
+    auto idle_longest = admitted_.end();
+    for (auto it = admitted_.begin(); it != admitted_.end(); ++it)
+      if (it->idle_since && (idle_longest == admitted_.end() || *it->idle_since < *idle_longest->idle_since))
+        idle_longest = it;
+    if (idle_longest == admitted_.end()) {
+      if (refused_.size() >= kMaxRefusedSessions) return {Verdict::closed, nullptr, {}, {}};
+      refused_.push_back(session.get());
+      return {Verdict::refused, nullptr, {}, {}};
+    }
+    // A session whose last owner is letting go cannot be locked; it is closing anyway.
+    placement.displaced = idle_longest->session.lock();
+    if (placement.displaced) {
+      placement.displaced_peer = placement.displaced->peer();
+      placement.displaced_idle = std::chrono::duration_cast<milliseconds>(Clock::now() - *idle_longest->idle_since);
+    }
+    admitted_.erase(idle_longest);
+  }
+  admitted_.push_back({session.get(), session, Clock::now()});
+  return placement;
+}
+
+void Connections::set_idle(const Session* session, bool idle) {
+  std::lock_guard lock(mutex_);
+  for (auto& entry : admitted_)
+    if (entry.key == session) {
+      if (!idle)
+        entry.idle_since.reset();
+      else if (!entry.idle_since)
+        entry.idle_since = Clock::now();
+      return;
+    }
+}
+
+void Connections::forget(const Session* session) {
+  std::lock_guard lock(mutex_);
+  admitted_.remove_if([&](const Entry& entry) { return entry.key == session; });
+  refused_.remove(session);
+}
+
 }  // namespace
 
 struct ControlServer::Impl {
   Router router;
+  Connections connections;
+  LogThrottles logs;
   // Created by start() and destroyed by stop(): destroying the io_context
   // destroys the sessions its pending operations hold.
   std::unique_ptr<net::io_context> io;
   std::optional<tcp::acceptor> acceptor;
+  std::optional<net::steady_timer> accept_retry;
+  milliseconds accept_retry_delay = kFirstAcceptRetryDelay;
   std::vector<std::thread> threads;
   uint16_t port = 0;
 
@@ -424,11 +611,50 @@ struct ControlServer::Impl {
 
   void on_accept(beast::error_code ec, tcp::socket socket) {
     if (ec == net::error::operation_aborted) return;  // stopped
-    if (ec)
-      spdlog::warn("control server on port {}: accept failed: {}", port, ec.message());
-    else
-      std::make_shared<Session>(std::move(socket), router)->run();
+    if (ec) return retry_accept_later(ec);
+    accept_retry_delay = kFirstAcceptRetryDelay;
+    auto session = std::make_shared<Session>(std::move(socket), router, connections, logs);
+    auto placement = connections.place(session);
+    switch (placement.verdict) {
+      case Connections::Verdict::admitted:
+        if (placement.displaced) {
+          placement.displaced->displace();
+          if (auto note = logs.turned_away.admit())
+            spdlog::warn("control server on port {}: {} connections open, the limit: closed the one idle longest ({}, idle "
+                         "{} ms) to admit {}{}",
+                         port, connections.limit(), placement.displaced_peer, placement.displaced_idle.count(),
+                         session->peer(), *note);
+        }
+        session->run();
+        break;
+      case Connections::Verdict::refused:
+        if (auto note = logs.turned_away.admit())
+          spdlog::warn("control server on port {}: {} connections open, all mid-request: answering {} 503{}", port,
+                       connections.limit(), session->peer(), *note);
+        session->refuse(connections.limit());
+        break;
+      case Connections::Verdict::closed:
+        if (auto note = logs.turned_away.admit())
+          spdlog::warn("control server on port {}: {} connections open, all mid-request, and {} being refused: closed {} "
+                       "unanswered{}",
+                       port, connections.limit(), kMaxRefusedSessions, session->peer(), *note);
+        break;  // the socket closes with `session`
+    }
     do_accept();
+  }
+
+  // Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), accepting
+  // again at once fails again at once: wait, longer each time, for sessions to
+  // end. Any other error is waited on too, since one that repeats would spin.
+  void retry_accept_later(beast::error_code ec) {
+    if (auto note = logs.accept_failures.admit())
+      spdlog::warn("control server on port {}: accept failed: {}; retrying in {} ms{}", port, ec.message(),
+                   accept_retry_delay.count(), *note);
+    accept_retry->expires_after(accept_retry_delay);
+    accept_retry->async_wait([this](beast::error_code wait_ec) {
+      if (!wait_ec) do_accept();
+    });
+    accept_retry_delay = std::min(2 * accept_retry_delay, kMaxAcceptRetryDelay);
   }
 
   void serve() {
@@ -444,6 +670,24 @@ struct ControlServer::Impl {
     }
   }
 };
+
+namespace {
+
+// max_sessions, or half the open-file limit if that is lower: each session holds
+// a socket (and an upload its file), and the process needs descriptors for its
+// chunk files and ring sockets too.
+size_t session_limit(size_t max_sessions) {
+  size_t limit = std::max<size_t>(1, max_sessions);
+  rlimit files{};
+  if (::getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur != RLIM_INFINITY && files.rlim_cur / 2 < limit) {
+    limit = std::max<size_t>(1, files.rlim_cur / 2);
+    spdlog::info("control server: at most {} connections at once (half the open-file limit of {}; raise it with ulimit -n)",
+                 limit, files.rlim_cur);
+  }
+  return limit;
+}
+
+}  // namespace
 
 ControlServer::ControlServer(ControlServerOptions options) : impl_(std::make_unique<Impl>()) {
   impl_->router.options = std::move(options);
@@ -483,6 +727,9 @@ void ControlServer::start() {
   impl_->port = acceptor.local_endpoint().port();
   impl_->io = std::move(io);
   impl_->acceptor.emplace(std::move(acceptor));
+  impl_->accept_retry.emplace(*impl_->io);
+  impl_->accept_retry_delay = kFirstAcceptRetryDelay;
+  impl_->connections.set_limit(session_limit(options.max_sessions));
   impl_->do_accept();
   for (size_t i = 0; i < std::max<size_t>(1, options.threads); ++i) impl_->threads.emplace_back([this] { impl_->serve(); });
   spdlog::info("control server listening on {}", format_endpoint(options.bind_addr, impl_->port));
@@ -498,6 +745,7 @@ void ControlServer::stop() {
   for (auto& thread : impl_->threads) thread.join();
   impl_->threads.clear();
   impl_->acceptor.reset();
+  impl_->accept_retry.reset();
   impl_->io.reset();
 }
 
