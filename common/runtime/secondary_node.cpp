@@ -282,6 +282,9 @@ void SecondaryNode::run_ring(std::shared_ptr<Run> run) {
     LinkOptions link_options;
     link_options.on_error = [](const std::string& error) { spdlog::error("{}", error); };
     link_options.setup_cancel = &run->cancel;
+    // Training frames carry batch rows the /init does not state yet, so only max_frame_bytes bounds them.
+    if (!request.training)
+      link_options.max_payload_bytes = inference_payload_cap(request.model.dim, request.max_seq_len, kBatchInvariantRows);
     RingLinks links = connect_ring(request.nodes, ring_index, request.run_id, link_options);
     {
       std::lock_guard lock(mutex_);
