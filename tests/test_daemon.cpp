@@ -201,15 +201,19 @@ TEST_F(Daemon, WithFewFileDescriptorsIdleConnectionsNeitherLockTheStarterOutNorF
   };
   EXPECT_TRUE(mdi::test::wait_until([&] { return closed_among(0, 48) == 48; }, seconds(5)))
       << closed_among(0, 48) << " of the 48 oldest closed";
-  EXPECT_EQ(closed_among(48, 80), 0u);
+  // The /status session above may still be lingering for the client's close
+  // when the first idle connections arrive; then it held one place of 32.
+  const size_t oldest_open = closed_among(48, 49) == 1 ? 49 : 48;
+  EXPECT_EQ(closed_among(oldest_open, 80), 0u);
 
   const auto asked_at = std::chrono::steady_clock::now();
   mdi::HttpResult result{0, nullptr};
   ASSERT_NO_THROW(result = client.request("GET", "/status"));
   EXPECT_EQ(result.status, 200);
   EXPECT_LT(std::chrono::steady_clock::now() - asked_at, milliseconds(500));
-  EXPECT_TRUE(mdi::test::wait_until([&] { return closed_among(48, 49) == 1; }, seconds(5))) << "the starter displaced the oldest";
-  EXPECT_EQ(closed_among(49, 80), 0u);
+  EXPECT_TRUE(mdi::test::wait_until([&] { return closed_among(oldest_open, oldest_open + 1) == 1; }, seconds(5)))
+      << "the starter displaced the oldest";
+  EXPECT_EQ(closed_among(oldest_open + 1, 80), 0u);
   for (int fd : idle) ::close(fd);
 
   EXPECT_EQ(client.request("PUT", "/stop").status, 200);

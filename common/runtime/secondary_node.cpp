@@ -23,8 +23,6 @@ constexpr uint64_t kDiskMarginBytes = 64ull << 20;
 
 HttpResponse error_response(int status, std::string error) { return {status, {{"error", std::move(error)}}}; }
 
-std::string excerpt(const std::string& text) { return json_excerpt(text); }
-
 // The run a /stop or /reset names, if it names one. Throws HttpError 400 when malformed.
 std::optional<uint64_t> named_run(const HttpRequest& request) {
   const auto text = query_param(request, "run_id");
@@ -35,7 +33,7 @@ std::optional<uint64_t> named_run(const HttpRequest& request) {
     if (used == text->size() && !text->empty() && text->front() != '-') return id;
   } catch (const std::exception&) {
   }
-  throw HttpError(400, "run_id=" + excerpt(*text) + " is not a run id (an unsigned 64-bit integer)");
+  throw HttpError(400, "run_id=" + json_excerpt(*text) + " is not a run id (an unsigned 64-bit integer)");
 }
 
 }  // namespace
@@ -109,14 +107,14 @@ SecondaryNode::ChunkLookup SecondaryNode::find_chunk(const Run& run) {
     if (in_chunk_dirs(request.chunk_path))
       candidates.emplace_back(request.chunk_path);
     else
-      not_read = "; chunk.path " + excerpt(request.chunk_path) + " is outside this node's chunk directories (" + chunk_dirs_text() +
+      not_read = "; chunk.path " + json_excerpt(request.chunk_path) + " is outside this node's chunk directories (" + chunk_dirs_text() +
                  "), so it was not read (start the secondary with --chunk-dir to allow it)";
   }
   for (const fs::path& path : candidates) {
     std::error_code error;
     const fs::file_status kind = fs::status(path, error);
     if (!fs::exists(kind)) continue;
-    const std::string name = excerpt(path.string());
+    const std::string name = json_excerpt(path.string());
     // A directory cannot be hashed, and a device (/dev/zero) would be hashed forever.
     if (!fs::is_regular_file(kind))
       return {std::nullopt, "chunk " + name + " is not a regular file; name a chunk .safetensors file or upload it with POST /chunk"};
@@ -207,7 +205,7 @@ HttpResponse SecondaryNode::init(const HttpRequest& http) {
                                    std::to_string(me.port_out) + ", its own gives " + std::to_string(options_.self.port_in) + "/" +
                                    std::to_string(options_.self.port_out));
   if (request.training && !request.training->resume_file.empty() && !in_chunk_dirs(request.training->resume_file))
-    return error_response(400, "training resume file " + excerpt(request.training->resume_file) + " is outside this node's chunk directories (" +
+    return error_response(400, "training resume file " + json_excerpt(request.training->resume_file) + " is outside this node's chunk directories (" +
                                    chunk_dirs_text() + "); start the secondary with --chunk-dir to allow it");
 
   auto run = std::make_shared<Run>();
@@ -261,18 +259,16 @@ HttpResponse SecondaryNode::init(const HttpRequest& http) {
   } catch (const std::exception& e) {
     return back_to_idle(400, e.what());
   }
-  std::lock_guard lock(mutex_);
-  if (run->cancel) {
-    run_ = nullptr;
-    state_ = State::idle;
-    last_error_ = "run " + std::to_string(run_id) + " was stopped while its chunk was loading";
-    state_changed_.notify_all();
-    return error_response(409, last_error_);
+  {
+    std::lock_guard lock(mutex_);
+    if (!run->cancel) {
+      state_ = State::ready;
+      state_changed_.notify_all();
+      ring_thread_ = std::thread([this, run] { run_ring(run); });
+      return ready_answer(*run);
+    }
   }
-  state_ = State::ready;
-  state_changed_.notify_all();
-  ring_thread_ = std::thread([this, run] { run_ring(run); });
-  return ready_answer(*run);
+  return cancelled();  // the stop that set the flag waits until this frees the node
 }
 
 void SecondaryNode::run_ring(std::shared_ptr<Run> run) {
@@ -438,21 +434,22 @@ std::optional<HttpResponse> SecondaryNode::make_room_for_upload(uint64_t bytes) 
 }
 
 UploadAdmission SecondaryNode::admit_upload(const HttpRequest& head) {
-  auto refuse = [](int status, std::string error) {
+  auto refuse = [](HttpResponse refusal) {
     UploadAdmission refused;
-    refused.refusal = error_response(status, std::move(error));
+    refused.refusal = std::move(refusal);
     return refused;
   };
   const auto sha256 = query_param(head, "sha256");
-  if (!sha256) return refuse(400, "POST /chunk needs ?sha256=<hex digest of the chunk>");
+  if (!sha256) return refuse(error_response(400, "POST /chunk needs ?sha256=<hex digest of the chunk>"));
   std::lock_guard lock(mutex_);
   // Only the chunk an /init asked for: nobody else fills this node's disk.
   if (!expected_upload_ || expected_upload_->sha256 != *sha256)
-    return refuse(409, "this node expects no upload of chunk " + excerpt(*sha256) +
-                           (expected_upload_ ? " (it waits for " + expected_upload_->sha256 + ")" : std::string()) +
-                           "; POST /init first: it answers need_upload with the chunk the node lacks");
-  if (upload_in_progress_) return refuse(409, "an upload of chunk " + *sha256 + " is already under way; wait for it to end");
-  if (auto full = make_room_for_upload(expected_upload_->max_bytes)) return refuse(full->status, full->body["error"]);
+    return refuse(error_response(409, "this node expects no upload of chunk " + json_excerpt(*sha256) +
+                                          (expected_upload_ ? " (it waits for " + expected_upload_->sha256 + ")" : std::string()) +
+                                          "; POST /init first: it answers need_upload with the chunk the node lacks"));
+  if (upload_in_progress_)
+    return refuse(error_response(409, "an upload of chunk " + *sha256 + " is already under way; wait for it to end"));
+  if (auto full = make_room_for_upload(expected_upload_->max_bytes)) return refuse(std::move(*full));
   upload_in_progress_ = true;
   UploadAdmission admitted;
   admitted.max_bytes = expected_upload_->max_bytes;
@@ -466,7 +463,7 @@ UploadAdmission SecondaryNode::admit_upload(const HttpRequest& head) {
 HttpResponse SecondaryNode::upload_chunk(const HttpRequest& head, const fs::path& file, const std::string& sha256) {
   const auto expected = query_param(head, "sha256");
   if (!expected || *expected != sha256)
-    return error_response(400, "uploaded chunk has sha256 " + sha256 + ", the starter announced " + excerpt(expected.value_or("")) +
+    return error_response(400, "uploaded chunk has sha256 " + sha256 + ", the starter announced " + json_excerpt(expected.value_or("")) +
                                    "; upload refused");
   const uint64_t bytes = fs::file_size(file);
   std::lock_guard lock(mutex_);
