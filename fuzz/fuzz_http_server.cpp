@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -97,9 +98,18 @@ int connect_to(uint16_t port) {
   address.sin_family = AF_INET;
   address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   address.sin_port = htons(port);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0)
-    bug(std::string("cannot connect to the server: ") + std::strerror(errno));
-  return fd;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0) return fd;
+  // Interrupted (libFuzzer's alarm, see exchange()), the connection goes on being made: wait for it.
+  int error = errno;
+  if (error == EINTR) {
+    pollfd writable{fd, POLLOUT, 0};
+    while (::poll(&writable, 1, 2000) < 0 && errno == EINTR) {
+    }
+    socklen_t length = sizeof error;
+    if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0) error = errno;
+    if (error == 0 && (writable.revents & POLLOUT)) return fd;
+  }
+  bug(std::string("cannot connect to the server: ") + std::strerror(error));
 }
 
 // Sends all of `data` while reading what comes back, since the server may answer (and
@@ -117,14 +127,20 @@ std::string exchange(int fd, const uint8_t* data, size_t size) {
     }
     pollfd events{fd, static_cast<short>(POLLIN | (send_open ? POLLOUT : 0)), 0};
     const auto left = std::chrono::ceil<std::chrono::milliseconds>(give_up_at - Clock::now()).count();
-    if (left <= 0 || ::poll(&events, 1, static_cast<int>(left)) != 1)
-      bug("the server neither answered nor closed within 2 s; answer so far: " + answer.substr(0, 200));
+    if (left <= 0) bug("the server neither answered nor closed within 2 s; answer so far: " + answer.substr(0, 200));
+    // libFuzzer's timeout alarm (SIGALRM, every -timeout/2+1 s) interrupts whatever
+    // this thread is blocked in; poll() is never restarted after a signal.
+    const int ready = ::poll(&events, 1, static_cast<int>(left));
+    if (ready < 0 && errno != EINTR) bug(std::string("poll() failed: ") + std::strerror(errno));
+    if (ready != 1) continue;  // interrupted, or timed out (reported above, on the next turn)
     if (events.revents & (POLLIN | POLLHUP | POLLERR)) {
       const ssize_t n = ::recv(fd, buffer, sizeof buffer, 0);
+      if (n < 0 && errno == EINTR) continue;
       if (n <= 0) return answer;  // closed (or reset after a refusal): the session is over
       answer.append(buffer, static_cast<size_t>(n));
     } else if (events.revents & POLLOUT) {
       const ssize_t n = ::send(fd, data + sent, size - sent, MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
       if (n < 0) send_open = false;  // the server closed first; its answer is still to be read
       else sent += static_cast<size_t>(n);
     }
