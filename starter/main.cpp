@@ -4,8 +4,11 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <system_error>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -14,6 +17,7 @@
 #include "common/interp/hidden_states.hpp"
 #include "common/interp/interventions.hpp"
 #include "common/model/tokenizer/tokenizer.hpp"
+#include "common/model/tokenizer/utf8.hpp"
 #include "common/net/ring_setup.hpp"
 #include "common/runtime/generation.hpp"
 #include "common/runtime/logging.hpp"
@@ -61,6 +65,57 @@ struct StarterOptions {
   int64_t logit_lens = 0;                  // top-k of the logit lens; 0: off
 };
 
+// Set by the first SIGINT or SIGTERM: the run stops where it is and what it has is written
+// out. The handler is reset as it runs, so a second one ends the process at once.
+std::atomic<bool> g_stop_requested{false};
+volatile std::sig_atomic_t g_stop_signal = 0;
+static_assert(std::atomic<bool>::is_always_lock_free, "set from a signal handler");
+
+extern "C" void on_stop_signal(int signal) {
+  g_stop_signal = signal;
+  g_stop_requested = true;
+}
+
+void install_stop_signals() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  action.sa_flags = SA_RESETHAND;
+  sigemptyset(&action.sa_mask);
+  for (int signal : {SIGINT, SIGTERM}) sigaction(signal, &action, nullptr);
+}
+
+// A run that ended before every sample reached its own stop.
+struct EarlyEnd {
+  mdi::StopReason reason;  // for the samples still running
+  std::string error;       // for the log and --out
+  int exit_code;
+};
+
+// Runs `generate`; when it throws or is interrupted, the samples still running
+// stop with the reason, so what was generated is printed and written all the same.
+template <class Generate>
+std::optional<EarlyEnd> generate_until_stopped(std::vector<mdi::SampleProgress>& samples, Generate&& generate) {
+  std::optional<EarlyEnd> early;
+  try {
+    generate();
+  } catch (const mdi::RunInterrupted&) {
+    const int signal = g_stop_signal;
+    early = EarlyEnd{mdi::StopReason::interrupted, std::string("interrupted by ") + (signal == SIGTERM ? "SIGTERM" : "SIGINT"),
+                     128 + signal};
+  } catch (const std::exception& e) {
+    early = EarlyEnd{mdi::StopReason::failed, e.what(), 1};
+  }
+  if (!early) return early;
+  size_t cut_short = 0;
+  for (auto& s : samples) {
+    cut_short += s.running();
+    s.end_early(early->reason);
+  }
+  spdlog::error("{}", early->error);
+  spdlog::error("the run ended early: {} of {} samples cut short; their tokens so far are kept", cut_short, samples.size());
+  return early;
+}
+
 // starter steering-vector: the mean difference of two capture files at one layer.
 struct SteeringOptions {
   std::string from, to, layer, out, name = "steer";
@@ -71,6 +126,23 @@ struct SteeringOptions {
 class TextPrinter {
  public:
   TextPrinter(const mdi::Tokenizer& tokenizer, size_t n_samples) : tokenizer_(tokenizer), streams_(n_samples) {}
+
+  mdi::TokenCallback callback() {
+    return [this](const mdi::SampleProgress& s, int64_t token) { on_token(s, token); };
+  }
+
+  // After a run that ended early: the rest of what it has, the samples cut short included.
+  void finish_early(const std::vector<mdi::SampleProgress>& samples, const EarlyEnd& early) {
+    const std::string note = std::string(" [") + mdi::stop_reason_name(early.reason) + "]\n";
+    if (streams_.size() == 1) {
+      if (!started_) print(streams_[0].push(mdi::sample_text(tokenizer_, samples[0].tokens())));
+      if (!started_ || samples[0].stop_reason() == early.reason) print(streams_[0].finish() + note);
+      return;
+    }
+    for (const auto& s : samples)
+      if (s.stop_reason() == early.reason)
+        print("[sample " + std::to_string(s.index()) + "] " + mdi::sample_text(tokenizer_, s.tokens()) + note);
+  }
 
   void on_token(const mdi::SampleProgress& s, int64_t token) {
     if (streams_.size() == 1) {
@@ -186,13 +258,17 @@ class Probing {
   std::optional<mdi::CaptureCollector> collector_;
 };
 
-void write_outputs(const StarterOptions& opt, const std::vector<mdi::SampleProgress>& samples, const mdi::Tokenizer& tokenizer,
-                   const mdi::RunStats& stats, const nlohmann::json* node_stats, const nlohmann::json& logit_lens) {
+// Writes --out, --time-run and its plot; returns the exit code. After a run that ended
+// early they hold what it did, --out its error too.
+int write_outputs(const StarterOptions& opt, const std::vector<mdi::SampleProgress>& samples, const mdi::Tokenizer& tokenizer,
+                  const mdi::RunStats& stats, const nlohmann::json* node_stats, const nlohmann::json& logit_lens,
+                  const std::optional<EarlyEnd>& early) {
   spdlog::info("{} tokens in {:.2f} s: {:.1f} tokens/s (first token after {:.3f} s)", stats.generated_tokens,
                stats.prefill_s + stats.decode_s, stats.tokens_per_s(), stats.prefill_s);
   if (!opt.out.empty()) {
     auto result = mdi::results_json(samples, tokenizer, stats, node_stats);
     if (!logit_lens.is_null()) result["logit_lens"] = logit_lens;
+    if (early) result["error"] = mdi::valid_utf8(early->error);
     mdi::write_file_atomic(opt.out, result.dump(1) + "\n");
     spdlog::info("wrote {}", opt.out);
   }
@@ -205,6 +281,7 @@ void write_outputs(const StarterOptions& opt, const std::vector<mdi::SampleProgr
       spdlog::info("wrote {}", svg);
     }
   }
+  return early ? early->exit_code : 0;
 }
 
 // --dtype, or else the weights' own dtype where they are stored in 16 bits
@@ -233,11 +310,13 @@ int run_standalone(const StarterOptions& opt, const torch::Device device) {
   Probing probing(opt, config, samples, dtype);
 
   TextPrinter printer(*tokenizer, samples.size());
-  auto stats = mdi::generate_standalone(model, samples, [&](const mdi::SampleProgress& s, int64_t token) { printer.on_token(s, token); },
-                                        probing.hooks(model));
+  mdi::RunStats stats;
+  const auto early = generate_until_stopped(samples, [&] {
+    mdi::generate_standalone(model, samples, printer.callback(), stats, probing.hooks(model), &g_stop_requested);
+  });
+  if (early) printer.finish_early(samples, *early);
   const auto lens = probing.finish(opt, model, samples, *tokenizer);
-  write_outputs(opt, samples, *tokenizer, stats, nullptr, lens);
-  return 0;
+  return write_outputs(opt, samples, *tokenizer, stats, nullptr, lens, early);
 }
 
 int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, const nlohmann::json& nodes_json, torch::Device device) {
@@ -267,40 +346,48 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
   settings.max_seq_len = config.max_seq_len;
   settings.upload_chunks = opt.upload_chunks;
   settings.interpretability = probing.plan();
-  try {
+  TextPrinter printer(*tokenizer, samples.size());
+  mdi::RunStats stats;
+  nlohmann::json extra = {{"n_nodes", n_nodes}};
+  const auto early = generate_until_stopped(samples, [&] {
     cluster.init_all(manifest, mdi::manifest_path(model_dir, n_nodes).parent_path(), settings);
-    mdi::LinkOptions link_options;
-    link_options.on_error = [](const std::string& error) { spdlog::error("{}", error); };
-    link_options.max_payload_bytes = mdi::inference_payload_cap(config.dim, config.max_seq_len, mdi::kBatchInvariantRows);
-    mdi::RingLinks links = mdi::connect_ring(nodes, 0, settings.run_id, link_options);
-    spdlog::info("ring up: {} samples in flight", samples.size());
+    if (g_stop_requested) throw mdi::RunInterrupted();
+    try {
+      mdi::LinkOptions link_options;
+      link_options.max_payload_bytes = mdi::inference_payload_cap(config.dim, config.max_seq_len, mdi::kBatchInvariantRows);
+      mdi::RingLinks links = mdi::connect_ring(nodes, 0, settings.run_id, link_options);
+      cluster.ring_up();
+      spdlog::info("ring up: {} samples in flight", samples.size());
 
-    TextPrinter printer(*tokenizer, samples.size());
-    mdi::StageStats starter_stats;
-    mdi::RingGenerationOptions ring_options;
-    ring_options.micro_batch = static_cast<size_t>(opt.micro_batch > 0 ? opt.micro_batch : (opt.n_samples + n_nodes - 1) / n_nodes);
-    spdlog::info("micro-batches of up to {} samples per frame", std::min<size_t>(ring_options.micro_batch, mdi::kBatchInvariantRows));
-    ring_options.send_timeout = nodes.timeouts.receive;
-    ring_options.drain_timeout = nodes.timeouts.receive;
-    ring_options.hooks = probing.hooks(chunk);
-    ring_options.on_capture = probing.on_capture(chunk);
-    auto stats = mdi::run_starter_ring(chunk, links, samples, [&](const mdi::SampleProgress& s, int64_t token) { printer.on_token(s, token); },
-                                       starter_stats, ring_options);
-    nlohmann::json node_stats = cluster.status_all();
-    node_stats["starter"] = starter_stats.to_json();
-    auto in = links.from_prev->stats(), out = links.to_next->stats();
-    node_stats["starter"]["bytes_in"] = in.bytes_in;
-    node_stats["starter"]["bytes_out"] = out.bytes_out;
-    nlohmann::json extra = {{"nodes", node_stats}, {"n_nodes", n_nodes}};
-    cluster.stop_all(opt.keep_nodes);
-    const auto lens = probing.finish(opt, chunk, samples, *tokenizer);
-    write_outputs(opt, samples, *tokenizer, stats, &extra, lens);
-    return 0;
-  } catch (...) {
-    // The survivors go back to idle, ready for another run.
-    cluster.stop_all(true);
-    throw;
-  }
+      mdi::StageStats starter_stats;
+      mdi::RingGenerationOptions ring_options;
+      ring_options.micro_batch = static_cast<size_t>(opt.micro_batch > 0 ? opt.micro_batch : (opt.n_samples + n_nodes - 1) / n_nodes);
+      spdlog::info("micro-batches of up to {} samples per frame", std::min<size_t>(ring_options.micro_batch, mdi::kBatchInvariantRows));
+      ring_options.send_timeout = nodes.timeouts.receive;
+      ring_options.drain_timeout = nodes.timeouts.receive;
+      ring_options.hooks = probing.hooks(chunk);
+      ring_options.on_capture = probing.on_capture(chunk);
+      ring_options.cancel = &g_stop_requested;
+      ring_options.progress_timeout = nodes.timeouts.progress;
+      mdi::run_starter_ring(chunk, links, samples, printer.callback(), stats, starter_stats, ring_options);
+      nlohmann::json node_stats = cluster.status_all();
+      node_stats["starter"] = starter_stats.to_json();
+      node_stats["starter"]["bytes_in"] = links.from_prev->stats().bytes_in;
+      node_stats["starter"]["bytes_out"] = links.to_next->stats().bytes_out;
+      extra["nodes"] = node_stats;
+    } catch (const mdi::RunInterrupted&) {
+      throw;
+    } catch (const std::exception& e) {
+      const std::string silent = cluster.silent_nodes();
+      if (silent.empty()) throw;
+      throw std::runtime_error(silent + " stopped answering, so the run stopped (the starter saw: " + e.what() + ")");
+    }
+  });
+  // After a failure the survivors go back to idle, ready for another run.
+  cluster.stop_all(early || opt.keep_nodes);
+  if (early) printer.finish_early(samples, *early);
+  const auto lens = probing.finish(opt, chunk, samples, *tokenizer);
+  return write_outputs(opt, samples, *tokenizer, stats, &extra, lens, early);
 }
 
 // Flag combinations that make no sense, refused before anything loads.
@@ -326,8 +413,25 @@ int run_steering_vector(const SteeringOptions& opt) {
   return 0;
 }
 
+// Outputs are written over whatever is there: never over one of the run's inputs
+// (`--out config.json` would destroy the nodes-config after the run).
+void check_outputs_spare_inputs(const StarterOptions& opt) {
+  const std::string prompt_file = opt.prompt.rfind("FILE:", 0) == 0 ? opt.prompt.substr(5) : "";
+  const std::pair<const char*, const std::string*> inputs[] = {{"--nodes-config", &opt.nodes_config}, {"--tokenizer", &opt.tokenizer},
+                                                               {"--prompt FILE:", &prompt_file}, {"--interventions", &opt.interventions},
+                                                               {"--ckpt", &opt.ckpt}};
+  for (const auto& [flag, path] : {std::pair<const char*, const std::string*>{"--out", &opt.out}, {"--capture-out", &opt.capture_out}}) {
+    std::error_code error;
+    if (path->empty() || !std::filesystem::exists(*path, error)) continue;
+    for (const auto& [input_flag, input] : inputs)
+      if (!input->empty() && std::filesystem::equivalent(*path, *input, error))
+        throw std::invalid_argument(std::string(flag) + " " + *path + " is the " + input_flag + " file: the run would overwrite it; write to another path");
+  }
+}
+
 int run(const StarterOptions& opt) {
   check_hidden_state_flags(opt);
+  check_outputs_spare_inputs(opt);
   mdi::init_torch_runtime(opt.threads);
   if (opt.nodes_config.empty()) return run_standalone(opt, mdi::parse_device(opt.device));
   nlohmann::json nodes_json;
@@ -411,6 +515,7 @@ int main(int argc, char** argv) {
   opt.device_given = device->count() > 0;
 
   mdi::setup_logging(opt.verbosity, "starter");
+  install_stop_signals();
   try {
     if (steer_cmd->parsed()) return run_steering_vector(steer);
     if (auto code = train_commands.run()) return *code;

@@ -301,16 +301,15 @@ class TrainingRun {
     }
     try {
       cluster.init_all(split_, mdi::manifest_path(opt_.ckpt, n_nodes).parent_path(), settings);
-      mdi::LinkOptions link_options;
-      link_options.on_error = [](const std::string& error) { spdlog::error("{}", error); };
-      mdi::RingLinks links = mdi::connect_ring(nodes, 0, settings.run_id, link_options);
+      mdi::RingLinks links = mdi::connect_ring(nodes, 0, settings.run_id, mdi::LinkOptions{});
+      cluster.ring_up();
       mdi::StarterPipeline pipeline(chunk, links, plan_, n_nodes, nodes.timeouts.receive);
       run_steps(pipeline, data, resume, &cluster);
       pipeline.finish(nodes.timeouts.receive);
       cluster.stop_all(opt_.keep_nodes);
       return 0;
     } catch (const std::exception& e) {
-      const std::string lost = unreachable_nodes(cluster);
+      const std::string lost = cluster.silent_nodes();
       // the survivors go back to idle; a step that was being saved is no checkpoint
       cluster.stop_all(true);
       if (!opt_.out.empty()) mdi::remove_unfinished_steps(opt_.out);
@@ -355,16 +354,6 @@ class TrainingRun {
     std::lock_guard lock(received_mutex_);
     auto it = received_.find({step, secondary});
     return it == received_.end() ? "" : it->second;
-  }
-
-  // "secondary 1 (127.0.0.1:8090)" for each node whose control plane no longer answers:
-  // whichever link broke first, the node to name is the one that is gone.
-  static std::string unreachable_nodes(const mdi::Cluster& cluster) {
-    std::string lost;
-    const auto status = cluster.status_all();
-    for (size_t i = 0; i < status.size(); ++i)
-      if (status["secondary" + std::to_string(i)].contains("error")) lost += (lost.empty() ? "" : ", ") + cluster.describe(i);
-    return lost;
   }
 
   const TrainOptions& opt_;

@@ -108,6 +108,12 @@ std::string read_file(const fs::path& path) {
   return ss.str();
 }
 
+size_t count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); !what.empty() && at != std::string::npos; at = text.find(what, at + what.size())) ++n;
+  return n;
+}
+
 std::string ChildProcess::out() const { return read_file(out_path_); }
 std::string ChildProcess::err() const { return read_file(err_path_); }
 

@@ -69,6 +69,8 @@ class ChildProcess {
 };
 
 std::string read_file(const std::filesystem::path& path);
+// How often `what` occurs in `text`, not overlapping.
+size_t count(const std::string& text, const std::string& what);
 
 // The message of the `Error` that `call` throws, or "" when it throws none (other
 // exceptions go on up, failing the test).

@@ -3,12 +3,15 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sys/ptrace.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
-#include <sys/stat.h>
-
+#include <cerrno>
 #include <csignal>
+#include <cstring>
 #include <fstream>
 #include <future>
 #include <nlohmann/json.hpp>
@@ -90,6 +93,21 @@ class Daemon : public ::testing::Test {
     return r.to_json();
   }
 
+  void fail_secondary_0_mid_run(int signal, std::chrono::seconds within);
+
+  // From here on the runs use a random Llama of this shape (FFN 4 x hidden), split so.
+  void use_random_model(const std::string& name, int64_t hidden, int64_t layers, int64_t context, std::vector<int64_t> split) {
+    const nlohmann::json shape = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", hidden}, {"intermediate_size", 4 * hidden},
+                                  {"num_hidden_layers", layers}, {"num_attention_heads", 8}, {"num_key_value_heads", 8},
+                                  {"vocab_size", 512}, {"max_position_embeddings", context}, {"rms_norm_eps", 1e-5},
+                                  {"tie_word_embeddings", false}};
+    std::ofstream(dir_ / (name + "-config.json")) << shape.dump();
+    auto reader = mdi::open_checkpoint("random:" + (dir_ / (name + "-config.json")).string());
+    model_dir_ = dir_ / name;
+    mdi::write_model_directory(*reader, model_dir_, torch::kFloat32, "random", nullptr);
+    mdi::write_chunks(model_dir_, split, nullptr);
+  }
+
   mdi::test::ScratchDir dir_;
   std::unique_ptr<mdi::CheckpointReader> reader_;
   fs::path model_dir_;
@@ -142,6 +160,10 @@ TEST_F(Daemon, BadControlPlaneInputGetsAClearErrorAndTheDaemonKeepsServing) {
     EXPECT_LT(result.body.dump().size(), 400u) << c.body.substr(0, 40);
     EXPECT_EQ(status(client).body["state"], "idle") << "after " << c.body.substr(0, 40);
   }
+  // nor a path nobody routes
+  const auto unrouted = client.request("GET", "/" + std::string(10000, 'a'));
+  EXPECT_EQ(unrouted.status, 404);
+  EXPECT_LT(unrouted.body.dump().size(), 200u) << unrouted.body.dump().substr(0, 400);
   EXPECT_EQ(client.request("PUT", "/stop").status, 200);
   EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
 }
@@ -453,41 +475,164 @@ TEST_F(Daemon, WithoutATokenRequestsAreServed) {
   EXPECT_EQ(secondary->wait(seconds(20)), 0);
 }
 
-TEST_F(Daemon, ASecondaryKilledMidRunStopsTheStarterWithin10sNamingIt) {
-  auto config = loopback_config(3);
-  config.erase("timeouts");  // the defaults are what users get
-  const fs::path path = write_config(config, "kill");
-  auto s0 = start_secondary(path, 0), s1 = start_secondary(path, 1);
-  mdi::ControlClient c0("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>());
-  mdi::ControlClient c1("127.0.0.1", config["nodes"]["secondary"][1]["communication"]["port"].get<uint16_t>());
-  ASSERT_EQ(status(c0).status, 200);
-  ASSERT_EQ(status(c1).status, 200);
-  ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(),
-                        "--n-samples", "3", "--n-tokens", "500", "--prompt", "a", "--threads", "1"},
-                       dir_.path(), "kill-starter");
-  ASSERT_TRUE(mdi::test::wait_until([&] {
-    auto s = c1.request("GET", "/status").body;
-    return s["state"] == "running" && s["stage"]["frames"].get<int64_t>() > 10;
-  }, seconds(60))) << starter.err();
-  s1->kill(SIGKILL);
-  const auto killed_at = std::chrono::steady_clock::now();
-  auto code = starter.wait(seconds(10));
-  ASSERT_TRUE(code.has_value()) << "the starter did not stop within 10 s of the kill";
-  EXPECT_LT(std::chrono::steady_clock::now() - killed_at, seconds(10));
-  EXPECT_NE(*code, 0);
-  const std::string err = starter.err();
-  EXPECT_NE(err.find("ring index 2"), std::string::npos) << err;
-  EXPECT_NE(err.find("127.0.0.1:"), std::string::npos) << err;
-  // the survivor is idle, answers, and takes a new /init
-  EXPECT_TRUE(mdi::test::wait_until([&] { return c0.request("GET", "/status").body["state"] == "idle"; }, seconds(15)));
-  auto body = init_body(config, 0, 42);
-  EXPECT_EQ(c0.request("POST", "/init", &body).status, 200);
-  EXPECT_EQ(c0.request("PUT", "/stop").status, 200);
-  EXPECT_EQ(s0->wait(seconds(40)), 0);
-}
-
 uint16_t control_port(const nlohmann::json& config, size_t index) {
   return config["nodes"]["secondary"][index]["communication"]["port"].get<uint16_t>();
+}
+
+// A ring run that ended early: every sample cut short with `reason` in --out, with
+// tokens past its prompt, and printed with the reason after the per-sample lines.
+void expect_cut_short(const fs::path& out, const std::string& printed, const std::string& reason, size_t n_samples) {
+  const auto result = nlohmann::json::parse(mdi::test::read_file(out));
+  EXPECT_TRUE(result.contains("error")) << result.dump().substr(0, 500);
+  ASSERT_EQ(result.at("samples").size(), n_samples);
+  size_t generated = 0, index = 0;
+  for (const auto& sample : result.at("samples")) {
+    EXPECT_EQ(sample.at("stop_reason"), reason);
+    generated += sample.at("tokens").size() - sample.at("prompt_tokens").size();
+    // printed as the tokens' bytes (random weights give invalid UTF-8, which --out replaces)
+    EXPECT_NE(printed.find("[sample " + std::to_string(index++) + "] a"), std::string::npos) << printed;
+  }
+  EXPECT_EQ(mdi::test::count(printed, " [" + reason + "]\n"), n_samples) << printed;
+  EXPECT_GT(generated, 0u);
+  EXPECT_EQ(result.at("stats").at("generated_tokens"), generated);
+}
+
+// Secondary 0 killed, or frozen, mid-run: the starter stops, names that node once (not
+// secondary 1, whose link to the starter is the one that breaks first), and keeps the
+// samples' tokens; the survivor goes back to idle.
+void Daemon::fail_secondary_0_mid_run(int signal, std::chrono::seconds within) {
+  auto config = loopback_config(3);
+  config.erase("timeouts");  // the defaults are what users get
+  const std::string name = signal == SIGKILL ? "kill" : "freeze";
+  const fs::path path = write_config(config, name);
+  auto s0 = start_secondary(path, 0), s1 = start_secondary(path, 1);
+  mdi::ControlClient c0("127.0.0.1", control_port(config, 0)), c1("127.0.0.1", control_port(config, 1));
+  ASSERT_EQ(status(c0).status, 200);
+  ASSERT_EQ(status(c1).status, 200);
+  const fs::path out = dir_ / (name + "-out.json");
+  ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(),
+                        "--n-samples", "3", "--n-tokens", "500", "--prompt", "a", "--threads", "1", "--out", out.string()},
+                       dir_.path(), name + "-starter");
+  ASSERT_TRUE(mdi::test::wait_until([&] {
+    auto s = c0.request("GET", "/status").body;
+    return s["state"] == "running" && s["stage"]["frames"].get<int64_t>() > 10;
+  }, seconds(60))) << starter.err();
+  s0->kill(signal);
+  const auto failed_at = std::chrono::steady_clock::now();
+  auto code = starter.wait(within);
+  if (signal == SIGSTOP) s0->kill(SIGCONT);
+  ASSERT_TRUE(code.has_value()) << "the starter did not stop within " << within.count() << " s";
+  EXPECT_LT(std::chrono::steady_clock::now() - failed_at, within);
+  EXPECT_EQ(*code, 1);
+  const std::string err = starter.err();
+  const std::string named = "secondary 0 (127.0.0.1:" + std::to_string(control_port(config, 0)) + ") stopped answering, so the run stopped";
+  EXPECT_EQ(mdi::test::count(err, named), 1u) << err;
+  EXPECT_EQ(mdi::test::count(err, "secondary 1 (127.0.0.1:" + std::to_string(control_port(config, 1)) + ") stopped answering"), 0u) << err;
+  // the link's error, which the message quotes, is printed once
+  const size_t seen = err.find("the starter saw: ");
+  ASSERT_NE(seen, std::string::npos) << err;
+  const std::string link_error = err.substr(seen + 17, err.find(')', err.find(')', seen) + 1) - seen - 17);
+  EXPECT_EQ(mdi::test::count(err, link_error.substr(0, 40)), 1u) << link_error << "\n" << err;
+  expect_cut_short(out, starter.out(), "failed", 3);
+  // the survivor is idle, answers, and takes a new /init
+  EXPECT_TRUE(mdi::test::wait_until([&] { return c1.request("GET", "/status").body["state"] == "idle"; }, seconds(15)));
+  auto body = init_body(config, 1, 42);
+  EXPECT_EQ(c1.request("POST", "/init", &body).status, 200);
+  EXPECT_EQ(c1.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(s1->wait(seconds(40)), 0);
+}
+
+TEST_F(Daemon, ASecondaryKilledMidRunStopsTheStarterWithin10sNamingIt) { fail_secondary_0_mid_run(SIGKILL, seconds(10)); }
+
+// The starter's link to the frozen node goes silent: receive_s (10 s), then 5 s for the
+// status query that finds which node it was.
+TEST_F(Daemon, ASecondaryFrozenMidRunStopsTheStarterWithin20sNamingIt) { fail_secondary_0_mid_run(SIGSTOP, seconds(20)); }
+
+// One thread of a child process stopped with ptrace while its others run on: a node
+// whose compute hangs while its link threads keep sending heartbeats.
+class FrozenThread {
+ public:
+  FrozenThread(pid_t pid, const std::string& name) {
+    for (const auto& task : fs::directory_iterator("/proc/" + std::to_string(pid) + "/task")) {
+      std::string comm = mdi::test::read_file(task.path() / "comm");
+      if (comm != name + "\n") continue;
+      if (tid_ != 0) throw std::runtime_error("process " + std::to_string(pid) + " has more than one thread named " + name);
+      tid_ = std::stoi(task.path().filename().string());
+    }
+    if (tid_ == 0) throw std::runtime_error("process " + std::to_string(pid) + " has no thread named " + name);
+    if (::ptrace(PTRACE_SEIZE, tid_, nullptr, nullptr) != 0 || ::ptrace(PTRACE_INTERRUPT, tid_, nullptr, nullptr) != 0)
+      throw std::runtime_error(std::string("ptrace: ") + std::strerror(errno));
+    int status = 0;
+    if (::waitpid(tid_, &status, __WALL) != tid_) throw std::runtime_error(std::string("waitpid: ") + std::strerror(errno));
+  }
+  ~FrozenThread() { ::ptrace(PTRACE_DETACH, tid_, nullptr, nullptr); }
+  FrozenThread(const FrozenThread&) = delete;
+  FrozenThread& operator=(const FrozenThread&) = delete;
+
+ private:
+  pid_t tid_ = 0;
+};
+
+TEST_F(Daemon, ANodeWhoseComputeHangsWhileItsLinksLiveStopsTheRunAfterTheProgressTimeout) {
+  // Steps of a few ms, so the run is still going when its node's compute is frozen.
+  use_random_model("medium", 512, 4, 2048, {1, 3});
+  auto config = loopback_config(2);
+  config["timeouts"]["progress_s"] = 2;
+  const fs::path path = write_config(config, "stuck");
+  auto s0 = start_secondary(path, 0);
+  mdi::ControlClient c0("127.0.0.1", control_port(config, 0));
+  ASSERT_EQ(status(c0).status, 200);
+  const fs::path out = dir_ / "stuck-out.json";
+  ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(),
+                        "--n-samples", "2", "--n-tokens", "2000", "--prompt", "a", "--threads", "1", "--out", out.string()},
+                       dir_.path(), "stuck-starter");
+  ASSERT_TRUE(mdi::test::wait_until([&] {
+    auto s = c0.request("GET", "/status").body;
+    return s["state"] == "running" && s["stage"]["frames"].get<int64_t>() > 10;
+  }, seconds(60))) << starter.err();
+  std::optional<int> code;
+  {
+    FrozenThread compute(s0->pid(), "mdi-ring");
+    const auto frozen_at = std::chrono::steady_clock::now();
+    // 2 s without progress, then up to 10 s for the stuck node to refuse its /stop
+    code = starter.wait(seconds(20));
+    ASSERT_TRUE(code.has_value()) << "the starter waited on a stuck ring for 20 s\n" << starter.err();
+    EXPECT_GE(std::chrono::steady_clock::now() - frozen_at, seconds(2));
+    EXPECT_EQ(c0.request("GET", "/status").body["state"], "running") << "the node's links and control plane were meant to live on";
+  }
+  EXPECT_EQ(*code, 1);
+  EXPECT_NE(starter.err().find("no frame came back around the ring for 2000 ms"), std::string::npos) << starter.err();
+  expect_cut_short(out, starter.out(), "failed", 2);
+  // its compute free again, the node finds its run cancelled and goes back to idle
+  EXPECT_TRUE(mdi::test::wait_until([&] { return c0.request("GET", "/status").body["state"] == "idle"; }, seconds(15)));
+  EXPECT_EQ(c0.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(s0->wait(seconds(20)), 0);
+}
+
+TEST_F(Daemon, SigintStopsARingRunKeepingEverySamplesTokensAndTheNodeGoesBackToIdle) {
+  auto config = loopback_config(2);
+  const fs::path path = write_config(config, "sigint");
+  auto s0 = start_secondary(path, 0);
+  mdi::ControlClient c0("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>());
+  ASSERT_EQ(status(c0).status, 200);
+  ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(),
+                        "--n-samples", "3", "--n-tokens", "500", "--prompt", "a", "--threads", "1", "--out",
+                        (dir_ / "sigint-out.json").string()},
+                       dir_.path(), "sigint-starter");
+  ASSERT_TRUE(mdi::test::wait_until([&] {
+    auto s = c0.request("GET", "/status").body;
+    return s["state"] == "running" && s["stage"]["frames"].get<int64_t>() > 10;
+  }, seconds(60))) << starter.err();
+  starter.kill(SIGINT);
+  auto code = starter.wait(seconds(10));
+  ASSERT_TRUE(code.has_value()) << "SIGINT did not stop the starter within 10 s";
+  EXPECT_EQ(*code, 128 + SIGINT) << starter.err();
+  EXPECT_NE(starter.err().find("interrupted by SIGINT"), std::string::npos) << starter.err();
+  expect_cut_short(dir_ / "sigint-out.json", starter.out(), "interrupted", 3);
+  // the starter reset the node on its way out: no run left behind
+  EXPECT_EQ(c0.request("GET", "/status").body["state"], "idle");
+  EXPECT_EQ(c0.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(s0->wait(seconds(20)), 0);
 }
 
 void write_bytes(const fs::path& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
@@ -554,18 +699,7 @@ TEST_F(Daemon, AnInitNamesOnlyFilesInTheNodesChunkDirsAndTheNodeTakesOnlyTheUplo
 
 TEST_F(Daemon, StatusStopResetAndInitAnswerAtOnceDuringASlowLoadAndResetCancelsIt) {
   // Seven layers of 64 MiB: hashing and loading them takes long enough to be caught at it.
-  const fs::path big = dir_ / "big";
-  {
-    const nlohmann::json shape = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 1024}, {"intermediate_size", 4096},
-                                  {"num_hidden_layers", 8}, {"num_attention_heads", 8}, {"num_key_value_heads", 8},
-                                  {"vocab_size", 512}, {"max_position_embeddings", 256}, {"rms_norm_eps", 1e-5},
-                                  {"tie_word_embeddings", false}};
-    std::ofstream(dir_ / "big-config.json") << shape.dump();
-    auto reader = mdi::open_checkpoint("random:" + (dir_ / "big-config.json").string());
-    mdi::write_model_directory(*reader, big, torch::kFloat32, "random", nullptr);
-    mdi::write_chunks(big, {1, 7}, nullptr);
-  }
-  model_dir_ = big;
+  use_random_model("big", 1024, 8, 256, {1, 7});
   auto config = loopback_config(2);
   auto secondary = start_secondary(write_config(config, "slowload"), 0);
   mdi::ControlClient client("127.0.0.1", control_port(config, 0), "", seconds(60));
@@ -625,6 +759,101 @@ TEST_F(Daemon, ASecondStarterAimedAtABusyNodeLeavesItsRunAlone) {
   EXPECT_EQ(s["run_id"], 7) << s;
   EXPECT_EQ(client.request("PUT", "/stop?run_id=7").status, 200);
   EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
+TEST_F(Daemon, WhileASecondaryDoesNotAnswerTheStarterSaysSoEvery5sUntilItGivesUp) {
+  auto config = loopback_config(2);  // secondary 0 is never started: its port is held, not listening
+  config["timeouts"]["http_init_s"] = 6;
+  ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", write_config(config, "absent").string(), "--ckpt",
+                        model_dir_.string(), "--n-tokens", "4", "--prompt", "a", "--threads", "1"},
+                       dir_.path(), "absent-starter");
+  const auto code = starter.wait(seconds(30));
+  ASSERT_TRUE(code.has_value()) << starter.err();
+  EXPECT_EQ(*code, 1);
+  const std::string err = starter.err();
+  const std::string retrying = "secondary 0 (127.0.0.1:" + std::to_string(control_port(config, 0)) + "): ";
+  EXPECT_EQ(mdi::test::count(err, "; retrying for up to "), 2u) << err;  // at once, and 5 s later
+  EXPECT_NE(err.find(retrying), std::string::npos) << err;
+  EXPECT_NE(err.find("is it running, at that address?"), std::string::npos) << err;
+  EXPECT_NE(err.find("gave up after"), std::string::npos) << err;
+}
+
+TEST_F(Daemon, AnInitWithALeaseIsDroppedOnceItsStarterStopsRenewingIt) {
+  auto config = loopback_config(2);
+  config["timeouts"]["accept_s"] = 120;  // only the lease ends the wait for the ring
+  auto secondary = start_secondary(write_config(config, "lease"), 0);
+  mdi::ControlClient client("127.0.0.1", control_port(config, 0), "", seconds(5));
+  ASSERT_EQ(status(client).body["state"], "idle");
+  auto body = init_body(config, 0, 7);
+  body["lease_ms"] = 1000;
+  ASSERT_EQ(client.request("POST", "/init", &body).status, 200);
+  EXPECT_EQ(client.request("PUT", "/lease").status, 400);
+  EXPECT_EQ(client.request("PUT", "/lease?run_id=8").status, 409);
+  // renewed every 250 ms for 3 s: the run stays
+  const auto renewing_until = std::chrono::steady_clock::now() + seconds(3);
+  while (std::chrono::steady_clock::now() < renewing_until) {
+    ASSERT_EQ(client.request("PUT", "/lease?run_id=7").status, 200);
+    ASSERT_FALSE(mdi::test::wait_until([&] { return client.request("GET", "/status").body["state"] != "ready"; }, milliseconds(250)));
+  }
+  // no more renewals: dropped within the lease and the node's 200 ms check
+  const auto last_renewal = std::chrono::steady_clock::now();
+  ASSERT_TRUE(mdi::test::wait_until([&] { return client.request("GET", "/status").body["state"] == "idle"; }, seconds(5)));
+  EXPECT_LT(std::chrono::steady_clock::now() - last_renewal, milliseconds(2500));
+  EXPECT_NE(secondary->err().find("did not renew it for 1000 ms"), std::string::npos) << secondary->err();
+  EXPECT_EQ(client.request("PUT", "/lease?run_id=7").status, 409);
+  // and takes the next run
+  body["run_id"] = 9;
+  EXPECT_EQ(client.request("POST", "/init", &body).status, 200);
+  EXPECT_EQ(client.request("PUT", "/stop?run_id=9").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
+TEST_F(Daemon, AStarterKilledBeforeTheRingIsUpLeavesItsNodesIdleWithinTheLease) {
+  auto config = loopback_config(3);  // secondary 1 is never started, so the ring never comes up
+  for (const char* wait : {"connect_s", "accept_s", "http_init_s"}) config["timeouts"][wait] = 120;
+  config["timeouts"]["lease_s"] = 1;
+  const fs::path path = write_config(config, "orphan");
+  auto s0 = start_secondary(path, 0);
+  mdi::ControlClient c0("127.0.0.1", control_port(config, 0), "", seconds(5));
+  ASSERT_EQ(status(c0).body["state"], "idle");
+  ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(),
+                        "--n-tokens", "4", "--prompt", "a", "--threads", "1"},
+                       dir_.path(), "orphan-starter");
+  ASSERT_TRUE(mdi::test::wait_until([&] { return c0.request("GET", "/status").body["state"] == "ready"; }, seconds(60))) << starter.err();
+  // the live starter renews the lease: three leases long, the node stays in the run
+  EXPECT_FALSE(mdi::test::wait_until([&] { return c0.request("GET", "/status").body["state"] != "ready"; }, seconds(3))) << s0->err();
+  starter.kill(SIGKILL);
+  const auto killed_at = std::chrono::steady_clock::now();
+  EXPECT_TRUE(mdi::test::wait_until([&] { return c0.request("GET", "/status").body["state"] == "idle"; }, seconds(10))) << s0->err();
+  EXPECT_LT(std::chrono::steady_clock::now() - killed_at, seconds(3)) << "a 1 s lease, and ring setup gives up within a second";
+  EXPECT_NE(s0->err().find("did not renew it for 1000 ms"), std::string::npos) << s0->err();
+  EXPECT_EQ(c0.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(s0->wait(seconds(20)), 0) << s0->err();
+}
+
+TEST_F(Daemon, AFrozenSecondaryThatWakesAfterItsStarterGaveUpDropsTheAbandonedInit) {
+  auto config = loopback_config(2);
+  config["timeouts"]["http_init_s"] = 2;
+  config["timeouts"]["accept_s"] = 120;
+  config["timeouts"]["lease_s"] = 1;
+  const fs::path path = write_config(config, "frozen");
+  auto s0 = start_secondary(path, 0);
+  mdi::ControlClient c0("127.0.0.1", control_port(config, 0), "", seconds(5));
+  ASSERT_EQ(status(c0).body["state"], "idle");
+  s0->kill(SIGSTOP);
+  ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(),
+                        "--n-tokens", "4", "--prompt", "a", "--threads", "1"},
+                       dir_.path(), "frozen-starter");
+  const auto code = starter.wait(seconds(30));
+  s0->kill(SIGCONT);
+  ASSERT_TRUE(code.has_value()) << starter.err();
+  EXPECT_EQ(*code, 1);
+  // Awake, it finds the /init its starter abandoned, and drops it once the lease is out.
+  ASSERT_TRUE(mdi::test::wait_until([&] { return s0->err().find("did not renew it for 1000 ms") != std::string::npos; }, seconds(10)))
+      << s0->err();
+  EXPECT_TRUE(mdi::test::wait_until([&] { return c0.request("GET", "/status").body["state"] == "idle"; }, seconds(5)));
+  EXPECT_EQ(c0.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(s0->wait(seconds(20)), 0) << s0->err();
 }
 
 TEST_F(Daemon, TheRunsContextAndFrameCapFromInitBoundWhatTheNodeAccepts) {

@@ -33,7 +33,8 @@ std::vector<ReferenceCase> reference_cases(const std::filesystem::path& shared) 
 std::vector<int64_t> greedy(const mdi::ModelChunk& model, const std::vector<int64_t>& prompt_tokens, int64_t n_tokens) {
   std::vector<mdi::SampleProgress> samples;
   samples.emplace_back(0, "", prompt_tokens, n_tokens, mdi::Sampler({0.0f, 0, 1.0f}, 0), model.config());
-  mdi::generate_standalone(model, samples, nullptr);
+  mdi::RunStats stats;
+  mdi::generate_standalone(model, samples, nullptr, stats);
   return samples[0].tokens();
 }
 
@@ -56,7 +57,8 @@ TEST(Generation, SeededSamplingIsReproducibleAndSeedDependent) {
     for (size_t i = 0; i < n_samples; ++i)
       samples.emplace_back(i, "", std::vector<int64_t>{1}, 40, mdi::Sampler({0.9f, 50, 0.95f}, mdi::Sampler::sample_seed(seed, i)),
                            model.config());
-    mdi::generate_standalone(model, samples, nullptr);
+    mdi::RunStats stats;
+    mdi::generate_standalone(model, samples, nullptr, stats);
     std::vector<std::vector<int64_t>> out;
     for (auto& s : samples) out.push_back(s.tokens());
     return out;

@@ -73,7 +73,7 @@ class Ring : public ::testing::Test {
   };
 
   StarterRun run_starter(const std::string& log_name, std::vector<std::string> args) {
-    const fs::path out = scratch_->path() / (log_name + ".json");
+    const fs::path out = scratch_->path() / (log_name + "-out.json");  // beside, never over, the test's config files
     std::vector<std::string> argv = {(mdi::test::bin_dir() / "starter").string(), "--ckpt", model_dir_.string(), "--device", "cpu",
                                      "--threads", "1", "--out", out.string()};
     argv.insert(argv.end(), args.begin(), args.end());

@@ -76,7 +76,8 @@ TEST(RingScheduling, ThreeNodesGiveEachSampleItsStandaloneTokens) {
   const ModelChunk whole = chunk({0, 5}, true), starter = chunk({0, 2}, true), first = chunk({2, 4}, false),
                    second = chunk({4, 5}, false);
   auto reference = samples(whole.config(), 5, 12);
-  generate_standalone(whole, reference, nullptr);
+  RunStats reference_figures;
+  generate_standalone(whole, reference, nullptr, reference_figures);
 
   for (size_t micro_batch : {1, 2, 5}) {
     InProcessRing ring = in_process_ring(3);
@@ -88,8 +89,8 @@ TEST(RingScheduling, ThreeNodesGiveEachSampleItsStandaloneTokens) {
     RingGenerationOptions options;
     options.micro_batch = micro_batch;
     size_t tokens_seen = 0;
-    const RunStats figures =
-        run_starter_ring(starter, ring.nodes[0], run, [&](const SampleProgress&, int64_t) { ++tokens_seen; }, stats[0], options);
+    RunStats figures;
+    run_starter_ring(starter, ring.nodes[0], run, [&](const SampleProgress&, int64_t) { ++tokens_seen; }, figures, stats[0], options);
     stage1.get();  // both passed the RunStop on and returned
     stage2.get();
     EXPECT_EQ(tokens_of(run), tokens_of(reference)) << "micro-batch " << micro_batch;
@@ -161,13 +162,71 @@ TEST(RingScheduling, ANodeThatDiesEndsTheStartersRunWithItsError) {
   });
   auto run = samples(starter.config(), 2, 8);
   StageStats stats;
+  RunStats figures;
   try {
-    run_starter_ring(starter, ring.nodes[0], run, nullptr, stats, {});
+    run_starter_ring(starter, ring.nodes[0], run, nullptr, figures, stats, {});
     FAIL() << "the run went on without its secondary";
   } catch (const LinkError& e) {
     EXPECT_STREQ(e.what(), "ring index 1 (in process): peer closed the connection");
   }
   EXPECT_TRUE(dying.get());
+}
+
+TEST(RingScheduling, ACancelledRunEndsWithRunInterruptedKeepingItsTokensAndFigures) {
+  const ModelChunk starter = chunk({0, 2}, true), rest = chunk({2, 5}, false);
+  InProcessRing ring = in_process_ring(2);
+  StageStats stats[2];
+  std::atomic<bool> stage_cancel{false}, run_cancel{false};
+  auto stage = start_stage(rest, ring.nodes[1], stats[1], stage_cancel);
+  auto run = samples(starter.config(), 2, 50);
+  RingGenerationOptions options;
+  options.cancel = &run_cancel;
+  size_t tokens_seen = 0;
+  RunStats figures;
+  EXPECT_THROW(run_starter_ring(starter, ring.nodes[0], run,
+                                [&](const SampleProgress&, int64_t) {
+                                  if (++tokens_seen == 5) run_cancel = true;  // as SIGINT sets it
+                                },
+                                figures, stats[0], options),
+               RunInterrupted);
+  EXPECT_GE(tokens_seen, 5u);
+  EXPECT_LT(tokens_seen, 100u);
+  EXPECT_EQ(figures.generated_tokens, static_cast<int64_t>(tokens_seen));
+  EXPECT_EQ(run[0].generated() + run[1].generated(), static_cast<int64_t>(tokens_seen));
+  EXPECT_TRUE(run[0].running() || run[1].running());
+  stage_cancel = true;
+  stage.get();
+}
+
+// A node that takes frames and never answers, as one whose compute hangs while its
+// link threads keep the link alive.
+TEST(RingScheduling, ARingThatStopsAnsweringEndsWithRingStalledAfterTheProgressTimeout) {
+  const ModelChunk starter = chunk({0, 2}, true);
+  InProcessRing ring = in_process_ring(2);
+  std::atomic<bool> done{false};
+  auto stuck = std::async(std::launch::async, [&] {
+    size_t taken = 0;
+    while (!done)
+      if (ring.nodes[1].from_prev->receive(50ms)) ++taken;
+    return taken;
+  });
+  auto run = samples(starter.config(), 2, 8);
+  RingGenerationOptions options;
+  options.progress_timeout = 300ms;
+  StageStats stats;
+  RunStats figures;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    run_starter_ring(starter, ring.nodes[0], run, nullptr, figures, stats, options);
+    FAIL() << "a ring that never answers was waited out";
+  } catch (const RingStalled& e) {
+    EXPECT_THAT(e.what(), HasSubstr("no frame came back around the ring for 300 ms (2 samples in flight)"));
+  }
+  const auto waited = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(waited, 300ms);
+  EXPECT_LT(waited, 3s);
+  done = true;
+  EXPECT_GE(stuck.get(), 1u);
 }
 
 TEST(RingScheduling, StarterRefusesActivationsOfASampleNotInFlight) {
@@ -180,8 +239,9 @@ TEST(RingScheduling, StarterRefusesActivationsOfASampleNotInFlight) {
   });
   auto run = samples(starter.config(), 1, 8);
   StageStats stats;
+  RunStats figures;
   try {
-    run_starter_ring(starter, ring.nodes[0], run, nullptr, stats, {});
+    run_starter_ring(starter, ring.nodes[0], run, nullptr, figures, stats, {});
     FAIL() << "activations of an unknown sample were taken";
   } catch (const ProtocolError& e) {
     EXPECT_THAT(e.what(), HasSubstr("activations for sample 7, which is not in flight, from ring index 1"));

@@ -4,7 +4,10 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <csignal>
 #include <fstream>
+
+#include <gmock/gmock.h>
 
 #include "tests/support.hpp"
 
@@ -37,6 +40,25 @@ TEST(StarterCli, PlotsWithoutTimeRunIsRefusedNamingBoth) {
   const auto [code, err] = run_starter(dir, {"--ckpt", (dir / "absent").string(), "-p"});
   EXPECT_NE(code, 0);
   EXPECT_NE(err.find("--plots requires --time-run"), std::string::npos) << err;
+}
+
+TEST(StarterCli, AnOutputThatIsOneOfTheRunsInputsIsRefusedBeforeTheRun) {
+  mdi::test::ScratchDir dir;
+  const auto config = dir / "config.json";
+  const std::string text = R"({"nodes": {"starter": {"addr": "127.0.0.1", "communication": {"port": 8088}}}})";
+  std::ofstream(config) << text;
+  std::ofstream(dir / "prompts.txt") << "Once\n";
+  for (const auto& [args, named] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--nodes-config", config.string(), "--out", config.string()}, "--out " + config.string() + " is the --nodes-config file"},
+           {{"--prompt", "FILE:" + (dir / "prompts.txt").string(), "--out", (dir / "prompts.txt").string()}, "is the --prompt FILE: file"}}) {
+    std::vector<std::string> argv = {"--ckpt", (dir / "absent").string()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    const auto [code, err] = run_starter(dir, argv);
+    EXPECT_EQ(code, 1);
+    EXPECT_NE(err.find(named), std::string::npos) << err;
+  }
+  EXPECT_EQ(mdi::test::read_file(config), text);
+  EXPECT_EQ(mdi::test::read_file(dir / "prompts.txt"), "Once\n");
 }
 
 TEST(StarterCli, NTokensPastTheContextWarnsAndStopsThere) {
@@ -139,6 +161,47 @@ TEST(StarterCli, AnExplicitTokenizerWinsForAModelDirectoryARandomModelAndARingAn
     const auto [code, err] = run_starter(dir, {"--ckpt", ckpt, "--tokenizer", llama2, "--prompt", "Hi", "--n-tokens", "1"});
     EXPECT_EQ(code, 1) << ckpt;
     EXPECT_NE(err.find("tokenizer " + llama2 + " has 32000 tokens, more than the model's vocabulary of 512"), std::string::npos) << err;
+  }
+}
+
+// A run of minutes (4 layers of dim 1024 on one thread, 2000 tokens), stopped by a signal
+// once its text streams: it prints and writes what it has, and says why it stopped.
+TEST(StarterCli, SigintOrSigtermStopsAStandaloneRunKeepingItsTokensInOutAndOnStdout) {
+  mdi::test::ScratchDir dir;
+  mdi::test::ChildProcess prepare({(mdi::test::bin_dir() / "prepare_model").string(), "random:stories260K", "--n-nodes", "1", "--out",
+                                   (dir / "m").string()},
+                                  dir.path(), "prepare");
+  ASSERT_EQ(prepare.wait(std::chrono::seconds(60)), 0) << prepare.err();
+  const nlohmann::json shape = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 1024}, {"intermediate_size", 4096},
+                                {"num_hidden_layers", 4}, {"num_attention_heads", 8}, {"num_key_value_heads", 8},
+                                {"vocab_size", 512}, {"max_position_embeddings", 2048}, {"rms_norm_eps", 1e-5},
+                                {"tie_word_embeddings", false}};
+  std::ofstream(dir / "slow.json") << shape.dump();
+  for (const auto& [signal, name] : std::vector<std::pair<int, std::string>>{{SIGINT, "SIGINT"}, {SIGTERM, "SIGTERM"}}) {
+    const auto out = dir / (name + ".json");
+    mdi::test::ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--ckpt", "random:" + (dir / "slow.json").string(),
+                                     "--tokenizer", (dir / "m" / "tokenizer.bin").string(), "--prompt", "Once", "--n-tokens", "2000",
+                                     "--threads", "1", "--seed", "3", "--out", out.string()},
+                                    dir.path(), "starter-" + name);
+    ASSERT_TRUE(mdi::test::wait_until([&] { return starter.out().size() > 30; }, std::chrono::seconds(60))) << starter.err();
+    starter.kill(signal);
+    const auto code = starter.wait(std::chrono::seconds(10));
+    ASSERT_TRUE(code.has_value()) << name << " did not stop the run within 10 s";
+    EXPECT_EQ(*code, 128 + signal) << starter.err();
+    EXPECT_THAT(starter.err(), testing::HasSubstr("interrupted by " + name));
+    const std::string printed = starter.out();
+    EXPECT_THAT(printed, testing::EndsWith(" [interrupted]\n"));
+
+    const auto result = nlohmann::json::parse(mdi::test::read_file(out));
+    EXPECT_EQ(result.at("error"), "interrupted by " + name);
+    const auto& sample = result.at("samples").at(0);
+    EXPECT_EQ(sample.at("stop_reason"), "interrupted");
+    const auto n_tokens = sample.at("tokens").size(), n_prompt = sample.at("prompt_tokens").size();
+    EXPECT_GT(n_tokens, n_prompt);
+    EXPECT_LT(n_tokens, n_prompt + 2000);
+    EXPECT_EQ(result.at("stats").at("generated_tokens"), n_tokens - n_prompt);
+    // what streamed is the text --out holds, up to the note
+    EXPECT_EQ(printed.substr(0, printed.size() - std::string(" [interrupted]\n").size()), sample.at("text").get<std::string>());
   }
 }
 

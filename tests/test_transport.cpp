@@ -553,5 +553,24 @@ TEST(InProcessLink, ReceiveUntilCancelledReturnsNothingOnceCancelled) {
   EXPECT_EQ(frame->header.sample_id, 5u);
 }
 
+// Without a limit it waits as long as it takes (many polls), with one it gives up then.
+TEST(InProcessLink, ReceiveUntilCancelledWaitsPastManyPollsAndGivesUpOnlyAtItsLimit) {
+  auto link = make_in_process_link("a", "b");
+  const std::atomic<bool> cancel{false};
+  double waited_s = 0;
+  auto late = std::async(std::launch::async, [&] {
+    std::this_thread::sleep_for(500ms);  // the frame is late on purpose: what is tested is the wait
+    link.a->send(float_frame(FrameType::Activations, 6, 8), 1s);
+  });
+  auto frame = link.b->receive(cancel, waited_s);
+  ASSERT_TRUE(frame);
+  EXPECT_EQ(frame->header.sample_id, 6u);
+  EXPECT_GE(waited_s, 0.4);
+  late.get();
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_FALSE(link.b->receive(cancel, waited_s, 300ms));
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 300ms);
+}
+
 }  // namespace
 }  // namespace mdi

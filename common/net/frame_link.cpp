@@ -13,10 +13,12 @@ std::optional<Frame> FrameLink::receive(std::chrono::milliseconds timeout) {
   throw LinkError(why.empty() ? "the link with " + peer() + " closed before the run ended" : why);
 }
 
-std::optional<Frame> FrameLink::receive(const std::atomic<bool>& cancel, double& waited_s) {
+std::optional<Frame> FrameLink::receive(const std::atomic<bool>& cancel, double& waited_s, std::chrono::milliseconds give_up_after) {
   const auto start = clock::now();
   std::optional<Frame> frame;
-  while (!cancel && !(frame = receive(kPollInterval))) {
+  // in milliseconds: give_up_after may be milliseconds::max(), which nanoseconds cannot hold
+  auto waited = [&] { return std::chrono::duration_cast<std::chrono::milliseconds>(clock::now() - start); };
+  while (!cancel && !(frame = receive(kPollInterval)) && waited() < give_up_after) {
   }
   waited_s += std::chrono::duration<double>(clock::now() - start).count();
   return frame;

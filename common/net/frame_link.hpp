@@ -60,10 +60,11 @@ class FrameLink {
   // time. Frames that arrived before the link ended are still handed out; after them
   // it throws LinkError: the link's error, or that the link with peer() closed.
   std::optional<Frame> receive(std::chrono::milliseconds timeout);
-  // The next frame, however long it takes, until `cancel` is set (nullopt then; the
-  // flag is looked at every 100 ms). The time spent waiting is added to `waited_s`.
+  // The next frame, until `cancel` is set or `give_up_after` has passed (nullopt then;
+  // the flag is looked at every 100 ms). The time spent waiting is added to `waited_s`.
   // Never waits unbounded on a silent peer: a link fails after its receive timeout.
-  std::optional<Frame> receive(const std::atomic<bool>& cancel, double& waited_s);
+  std::optional<Frame> receive(const std::atomic<bool>& cancel, double& waited_s,
+                               std::chrono::milliseconds give_up_after = std::chrono::milliseconds::max());
 };
 
 // A node's two links in the ring: activations come in from the previous node and

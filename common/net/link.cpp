@@ -22,6 +22,7 @@
 // inbound queue simply parks the reader, with no io_context to keep running.
 #include "common/net/link.hpp"
 
+#include <pthread.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -50,8 +51,15 @@ struct TcpLink::Impl {
         inbound(options.inbound_capacity),
         outgoing(options.outbound_capacity),
         on_error(options.on_error) {
-    reader = std::thread([this] { read_loop(); });
-    writer = std::thread([this] { write_loop(); });
+    // named for top -H and gdb; otherwise they would take the name of the thread that made the link
+    reader = std::thread([this] {
+      pthread_setname_np(pthread_self(), "mdi-link-read");
+      read_loop();
+    });
+    writer = std::thread([this] {
+      pthread_setname_np(pthread_self(), "mdi-link-write");
+      write_loop();
+    });
   }
 
   ~Impl() {
@@ -216,7 +224,8 @@ void TcpLink::Impl::end(const std::string& why) {
     ended = true;
     error = why;
   }
-  if (!why.empty()) spdlog::error("ring: link failed: {}", why);
+  // The link's owner reports the error (it surfaces from send() and receive()), once.
+  if (!why.empty()) spdlog::debug("ring: link failed: {}", why);
   // Wakes whichever of the two threads sits in poll(); the descriptor stays open
   // until both are joined, so it cannot be reused under them.
   ::shutdown(fd(), SHUT_RDWR);

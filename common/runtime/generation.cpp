@@ -19,12 +19,11 @@ std::vector<std::vector<size_t>> StepBatch::plan(const std::vector<const SampleP
   return pack_micro_batches(rows, max_samples);
 }
 
-RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token,
-                             const HookFactory& hooks) {
+void generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token,
+                         RunStats& stats, const HookFactory& hooks, const std::atomic<bool>* cancel) {
   if (!model.spec().embedding || !model.spec().head)
     throw std::logic_error("standalone generation needs a chunk with the embedding and the head");
   using clock = std::chrono::steady_clock;
-  RunStats stats;
   std::vector<KvCache> caches;
   for (size_t i = 0; i < samples.size(); ++i) caches.push_back(model.new_cache());
 
@@ -37,6 +36,7 @@ RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress
       if (samples[i].running()) running.push_back(i), pending.push_back(&samples[i]);
     if (running.empty()) break;
     for (const auto& batch : StepBatch::plan(pending, running.size())) {
+      if (cancel && *cancel) throw RunInterrupted();
       StepBatch step;
       for (size_t b : batch) {
         const SampleProgress& s = samples[running[b]];
@@ -55,7 +55,6 @@ RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress
       }
     }
   }
-  return stats;
 }
 
 }  // namespace mdi

@@ -1,7 +1,9 @@
 #pragma once
 // Standalone generation: every layer in one process. The reference the
 // distributed ring is checked against.
+#include <atomic>
 #include <functional>
+#include <stdexcept>
 #include <vector>
 
 #include "common/model/model.hpp"
@@ -27,9 +29,18 @@ struct StepBatch {
   static std::vector<std::vector<size_t>> plan(const std::vector<const SampleProgress*>& samples, size_t max_samples);
 };
 
+// Thrown by a generation whose cancel flag was set (the starter's SIGINT and SIGTERM):
+// the samples keep their tokens so far, the RunStats its figures so far.
+class RunInterrupted : public std::runtime_error {
+ public:
+  RunInterrupted() : std::runtime_error("interrupted") {}
+};
+
 // Runs every sample to its stop: each pass gives every running sample one step,
 // in micro-batches (pack_micro_batches). The model must hold the embedding and the head.
-RunStats generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token,
-                             const HookFactory& hooks = nullptr);
+// `stats` is filled as tokens come, so it holds what was done when the run ends early.
+// Throws RunInterrupted once `cancel` is set (checked before every forward pass).
+void generate_standalone(const ModelChunk& model, std::vector<SampleProgress>& samples, const TokenCallback& on_token,
+                         RunStats& stats, const HookFactory& hooks = nullptr, const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace mdi

@@ -14,10 +14,12 @@ using clock = std::chrono::steady_clock;
 
 double seconds_since(clock::time_point start) { return std::chrono::duration<double>(clock::now() - start).count(); }
 
-// The next frame from the previous node; nullopt when `cancel` was set. Throws when the link ended.
-std::optional<Frame> next_frame(FrameLink& from_prev, StageStats& stats, const std::atomic<bool>& cancel) {
+// The next frame from the previous node; nullopt when `cancel` was set or `give_up_after`
+// passed. Throws when the link ended.
+std::optional<Frame> next_frame(FrameLink& from_prev, StageStats& stats, const std::atomic<bool>& cancel,
+                                std::chrono::milliseconds give_up_after = std::chrono::milliseconds::max()) {
   double waited_s = 0;
-  auto frame = from_prev.receive(cancel, waited_s);
+  auto frame = from_prev.receive(cancel, waited_s, give_up_after);
   stats.add_wait(waited_s);
   return frame;
 }
@@ -139,11 +141,11 @@ void run_secondary_stage(const ModelChunk& chunk, RingLinks& links, StageStats& 
   }
 }
 
-RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector<SampleProgress>& samples,
-                          const TokenCallback& on_token, StageStats& stats, const RingGenerationOptions& options) {
+void run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector<SampleProgress>& samples,
+                      const TokenCallback& on_token, RunStats& run, StageStats& stats, const RingGenerationOptions& options) {
   const std::atomic<bool> never{false};
+  const std::atomic<bool>& cancel = options.cancel ? *options.cancel : never;
   const int64_t dim = chunk.config().dim, max_seq_len = chunk.config().max_seq_len;
-  RunStats run;
   std::map<uint32_t, KvCache> caches;
   std::deque<size_t> ready;  // samples whose next step waits to be sent, in the order they became ready
   // A secondary may merge frames, so frames do not come back one for one. A sent frame
@@ -189,7 +191,12 @@ RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector
   send_ready();
 
   while (!frame_of_sample.empty()) {
-    auto frame = next_frame(*links.from_prev, stats, never);
+    auto frame = next_frame(*links.from_prev, stats, cancel, options.progress_timeout);
+    if (!frame && cancel) throw RunInterrupted();
+    if (!frame)
+      throw RingStalled("no frame came back around the ring for " + std::to_string(options.progress_timeout.count()) + " ms (" +
+                        std::to_string(frame_of_sample.size()) + " samples in flight), though every link is alive: a node's " +
+                        "compute is stuck, or slower than timeouts.progress_s allows (raise it for a model this slow)");
     const auto& h = frame->header;
     if (h.type == FrameType::SampleStop) continue;  // it went round: every node has freed that sample
     if (h.type == FrameType::Capture && options.on_capture) {
@@ -230,7 +237,6 @@ RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector
   }
 
   stop_ring_run(links, options.send_timeout, options.drain_timeout);
-  return run;
 }
 
 }  // namespace mdi

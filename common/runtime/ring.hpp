@@ -65,13 +65,23 @@ struct RingGenerationOptions {
   HookFactory hooks;  // the starter's own layers (embedding included): interventions, capture
   // Capture frames from the secondaries; without it they are a protocol error.
   std::function<void(const Frame&)> on_capture;
+  const std::atomic<bool>* cancel = nullptr;  // once set, the run ends with RunInterrupted
+  // Samples in flight and no frame back for this long: RingStalled.
+  std::chrono::milliseconds progress_timeout = std::chrono::milliseconds::max();
+};
+
+// No frame came back around the ring within RingGenerationOptions::progress_timeout.
+struct RingStalled : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 // The starter's side of a run: every sample to its stop, then a RunStop around
 // the ring. Each frame that comes back goes through the head and the samplers, and
 // its samples' next steps go out as soon as they are sampled, in micro-batches. `chunk` holds the embedding, the starter's layers and the head.
-// Throws LinkError naming the node when the ring breaks.
-RunStats run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector<SampleProgress>& samples,
-                          const TokenCallback& on_token, StageStats& stats, const RingGenerationOptions& options);
+// `run` is filled as tokens come, so it holds what was done when the run ends early:
+// it throws LinkError naming the node when the ring breaks, RingStalled when the ring
+// makes no progress, RunInterrupted once options.cancel is set.
+void run_starter_ring(const ModelChunk& chunk, RingLinks& links, std::vector<SampleProgress>& samples,
+                      const TokenCallback& on_token, RunStats& run, StageStats& stats, const RingGenerationOptions& options);
 
 }  // namespace mdi

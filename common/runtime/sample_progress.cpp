@@ -20,6 +20,8 @@ const char* stop_reason_name(StopReason reason) {
     case StopReason::length: return "length";
     case StopReason::context: return "context";
     case StopReason::non_finite_logits: return "non_finite_logits";
+    case StopReason::interrupted: return "interrupted";
+    case StopReason::failed: return "failed";
   }
   return "?";
 }

@@ -16,7 +16,8 @@ namespace mdi {
 
 class Tokenizer;
 
-enum class StopReason { running, eos, length, context, non_finite_logits };
+// interrupted: SIGINT or SIGTERM; failed: the run broke (a node, a link, an error) before the sample's own stop.
+enum class StopReason { running, eos, length, context, non_finite_logits, interrupted, failed };
 const char* stop_reason_name(StopReason reason);
 
 class SampleProgress {
@@ -28,6 +29,11 @@ class SampleProgress {
   // or nullopt where the logits hold a NaN or an infinity (the sample stops
   // with non_finite_logits). Afterwards stop_reason() says whether it goes on.
   std::optional<int64_t> advance(const float* logits, int64_t vocab);
+
+  // The run ends before this sample's own stop: it keeps its tokens so far. A sample already stopped keeps its reason.
+  void end_early(StopReason why) {
+    if (running()) stop_ = why;
+  }
 
   bool running() const { return stop_ == StopReason::running; }
   StopReason stop_reason() const { return stop_; }

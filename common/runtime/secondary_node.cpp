@@ -1,5 +1,7 @@
 #include "common/runtime/secondary_node.hpp"
 
+#include <pthread.h>
+
 #include <algorithm>
 
 #include <spdlog/spdlog.h>
@@ -20,6 +22,8 @@ namespace {
 constexpr std::chrono::seconds kStopWait{10};
 // Left free on the chunk cache's disk, so an upload never fills it to the last byte.
 constexpr uint64_t kDiskMarginBytes = 64ull << 20;
+// How often leases are looked at: a run is dropped at most this long after its lease ran out.
+constexpr std::chrono::milliseconds kLeaseCheck{200};
 
 HttpResponse error_response(int status, std::string error) { return {status, {{"error", std::move(error)}}}; }
 
@@ -55,9 +59,16 @@ SecondaryNode::SecondaryNode(SecondaryOptions options) : options_(std::move(opti
     if (!root.has_filename()) root = root.parent_path();  // "models/" → "models"
     canonical_chunk_dirs_.push_back(root);
   }
+  lease_watch_ = std::thread([this] { drop_runs_whose_lease_expired(); });
 }
 
 SecondaryNode::~SecondaryNode() {
+  {
+    std::lock_guard lock(mutex_);
+    destroying_ = true;
+  }
+  state_changed_.notify_all();
+  lease_watch_.join();
   end_run(std::nullopt);
   std::unique_lock lock(mutex_);
   std::thread ring = std::move(ring_thread_);
@@ -70,6 +81,7 @@ void SecondaryNode::register_routes(ControlServer& server) {
   server.route("POST", "/init", [this](const HttpRequest& r) { return init(r); });
   server.route("PUT", "/stop", [this](const HttpRequest& r) { return stop(r); });
   server.route("POST", "/reset", [this](const HttpRequest& r) { return reset(r); });
+  server.route("PUT", "/lease", [this](const HttpRequest& r) { return renew_lease(r); });
   server.upload_route(
       "POST", "/chunk",
       [this](const HttpRequest& head, const fs::path& file, const std::string& sha) { return upload_chunk(head, file, sha); },
@@ -210,6 +222,7 @@ HttpResponse SecondaryNode::init(const HttpRequest& http) {
 
   auto run = std::make_shared<Run>();
   run->request = std::move(request);
+  run->lease_expires = std::chrono::steady_clock::now() + std::chrono::milliseconds(run->request.lease_ms);
   if (run->request.training) run->training = std::make_shared<SecondaryTrainingStatus>();
   const uint64_t run_id = run->request.run_id;
   std::thread finished_ring;
@@ -272,11 +285,11 @@ HttpResponse SecondaryNode::init(const HttpRequest& http) {
 }
 
 void SecondaryNode::run_ring(std::shared_ptr<Run> run) {
+  pthread_setname_np(pthread_self(), "mdi-ring");  // the thread that computes, as top -H and gdb show it
   const InitRequest& request = run->request;
   const size_t ring_index = options_.secondary_index + 1;
   try {
     LinkOptions link_options;
-    link_options.on_error = [](const std::string& error) { spdlog::error("{}", error); };
     link_options.setup_cancel = &run->cancel;
     // Training frames carry batch rows the /init does not state yet, so only max_frame_bytes bounds them.
     if (!request.training)
@@ -396,6 +409,31 @@ HttpResponse SecondaryNode::stop(const HttpRequest& request) {
 HttpResponse SecondaryNode::reset(const HttpRequest& request) {
   if (auto refused = end_run(named_run(request))) return *refused;
   return {200, {{"state", "idle"}}};
+}
+
+HttpResponse SecondaryNode::renew_lease(const HttpRequest& request) {
+  const auto run_id = named_run(request);
+  if (!run_id) return error_response(400, "PUT /lease needs ?run_id=<the run to renew>");
+  std::lock_guard lock(mutex_);
+  if (!run_ || run_->request.run_id != *run_id || run_->cancel)
+    return error_response(409, "this node is not in run " + std::to_string(*run_id) + " (state " + state_name(state_) + ")");
+  run_->lease_expires = std::chrono::steady_clock::now() + std::chrono::milliseconds(run_->request.lease_ms);
+  return {200, {{"state", state_name(state_)}, {"run_id", *run_id}}};
+}
+
+// A starter that died or gave up between /init and the ring renews nothing: its run
+// is cancelled (the load stops within a layer, ring setup within a second).
+void SecondaryNode::drop_runs_whose_lease_expired() {
+  std::unique_lock lock(mutex_);
+  while (!destroying_) {
+    state_changed_.wait_for(lock, kLeaseCheck);
+    if (!run_ || !run_->request.lease_ms || run_->cancel || (state_ != State::loading && state_ != State::ready)) continue;
+    if (std::chrono::steady_clock::now() < run_->lease_expires) continue;
+    run_->cancel = true;
+    last_error_ = "run " + std::to_string(run_->request.run_id) + " dropped: its starter did not renew it for " +
+                  std::to_string(run_->request.lease_ms) + " ms before the ring was up (is the starter gone?)";
+    spdlog::warn("{}", last_error_);
+  }
 }
 
 std::optional<HttpResponse> SecondaryNode::make_room_for_upload(uint64_t bytes) {

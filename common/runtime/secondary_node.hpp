@@ -5,13 +5,17 @@
 // stop passes through, and goes back to idle.
 //
 //   idle ──/init──▶ loading ──▶ ready ──ring up──▶ running ──RunStop / failure / PUT /stop?reset──▶ idle
-//                     └── PUT /stop?reset, POST /reset: the load is cancelled ──▶ idle
+//                     └── PUT /stop?reset, POST /reset, an expired lease: the run is cancelled ──▶ idle
+//
+// An /init with lease_ms holds the node only while its starter renews it (PUT
+// /lease?run_id=…): until the ring is up, a run not renewed for lease_ms is dropped.
 //   PUT /stop (no reset), in any state: the run ends, then the process exits
 //
 // One mutex guards every field below that a route reads or writes; the load
 // itself runs without it (on the /init handler's thread), so /status, /stop and
 // /reset answer while a chunk loads.
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <filesystem>
@@ -52,7 +56,8 @@ class SecondaryNode {
   SecondaryNode(const SecondaryNode&) = delete;
   SecondaryNode& operator=(const SecondaryNode&) = delete;
 
-  // GET /status, POST /init, POST /chunk?sha256=…, PUT /stop[?reset=1][&run_id=…], POST /reset[?run_id=…]
+  // GET /status, POST /init, POST /chunk?sha256=…, PUT /stop[?reset=1][&run_id=…], POST /reset[?run_id=…],
+  // PUT /lease?run_id=…
   void register_routes(ControlServer& server);
   // Returns once PUT /stop (without reset) asked the process to exit.
   void wait_for_shutdown();
@@ -61,6 +66,7 @@ class SecondaryNode {
   HttpResponse status(const HttpRequest& request) const;
   HttpResponse stop(const HttpRequest& request);
   HttpResponse reset(const HttpRequest& request);
+  HttpResponse renew_lease(const HttpRequest& request);
   UploadAdmission admit_upload(const HttpRequest& head);
   HttpResponse upload_chunk(const HttpRequest& head, const std::filesystem::path& file, const std::string& sha256);
 
@@ -76,6 +82,7 @@ class SecondaryNode {
     std::shared_ptr<ModelChunk> chunk;
     std::shared_ptr<StageStats> stats = std::make_shared<StageStats>();
     std::shared_ptr<SecondaryTrainingStatus> training;  // of a training run
+    std::chrono::steady_clock::time_point lease_expires;  // with request.lease_ms; under the node's mutex
   };
   // The chunk an /init answered need_upload for: the only upload this node takes.
   struct ExpectedUpload {
@@ -100,6 +107,7 @@ class SecondaryNode {
   // the node is idle, and joins the ring thread. Refuses (409) another run's stop.
   std::optional<HttpResponse> end_run(std::optional<uint64_t> run_id);
   void join_finished_ring_thread(std::unique_lock<std::mutex>& lock);
+  void drop_runs_whose_lease_expired();
 
   SecondaryOptions options_;
   std::vector<std::filesystem::path> canonical_chunk_dirs_;
@@ -120,6 +128,8 @@ class SecondaryNode {
   bool upload_in_progress_ = false;
   std::thread ring_thread_;
   bool shutdown_ = false;
+  bool destroying_ = false;
+  std::thread lease_watch_;  // last: it starts once everything above is built
 };
 
 }  // namespace mdi

@@ -46,6 +46,7 @@ nlohmann::json InitRequest::to_json() const {
           {"max_seq_len", max_seq_len},
           {"max_frame_bytes", max_frame_bytes},
           {"chunk", {{"sha256", chunk_sha256}, {"path", chunk_path}, {"bytes", chunk_bytes}}}};
+  if (lease_ms) j["lease_ms"] = lease_ms;
   if (!interpretability.empty()) j["interpretability"] = interpretability.to_json();
   if (training) j["training"] = training->to_json();
   return j;
@@ -83,6 +84,9 @@ InitRequest InitRequest::parse(const nlohmann::json& j) {
     throw InitRequestError("/init: max_seq_len " + std::to_string(r.max_seq_len) + " is outside 1.." + std::to_string(r.model.max_seq_len));
   r.max_frame_bytes = j.contains("max_frame_bytes") ? typed<uint64_t>(j, "max_frame_bytes") : r.nodes.max_frame_bytes;
   if (r.max_frame_bytes != 0) r.nodes.max_frame_bytes = std::min(r.nodes.max_frame_bytes, r.max_frame_bytes);
+  r.lease_ms = j.contains("lease_ms") ? typed<uint64_t>(j, "lease_ms") : 0;
+  if (r.lease_ms != 0 && (r.lease_ms < 500 || r.lease_ms > 3'600'000))
+    throw InitRequestError("/init: lease_ms " + std::to_string(r.lease_ms) + " is outside 500..3600000 (0 or absent: no lease)");
   const auto& chunk = field(j, "chunk");
   if (!chunk.is_object()) throw InitRequestError("/init: \"chunk\" must be an object");
   r.chunk_sha256 = typed<std::string>(chunk, "sha256");

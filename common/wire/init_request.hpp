@@ -34,6 +34,9 @@ struct InitRequest {
   uint64_t chunk_bytes = 0;    // its size, as the manifest states it (0: not stated)
   // What the node's links accept in one frame (0: the nodes-config's); parse() applies it to `nodes`.
   uint64_t max_frame_bytes = 0;
+  // Non-zero: the node drops the run if the starter has not renewed it (PUT /lease) for
+  // this long before the ring is up: a starter that died or gave up leaves no node waiting.
+  uint64_t lease_ms = 0;
   // Optional: the captures and interventions of this node's layers (absent: none).
   InterpretabilityPlan interpretability;
   // Optional: fine-tune this node's layers instead of running inference (absent: inference).

@@ -121,14 +121,16 @@ RingTimeouts parse_timeouts(const FieldReader& in, const json& j, const std::str
                                                                        {"accept_s", &t.accept},
                                                                        {"receive_s", &t.receive},
                                                                        {"http_init_s", &t.http_init},
-                                                                       {"heartbeat_s", &t.heartbeat}};
+                                                                       {"heartbeat_s", &t.heartbeat},
+                                                                       {"progress_s", &t.progress},
+                                                                       {"lease_s", &t.lease}};
   for (const auto& item : j.items()) {
     const std::string& key = item.key();
     auto* field = std::find_if(std::begin(fields), std::end(fields), [&](const auto& f) { return key == f.first; });
     // A misspelt timeout silently falling back to its default would be found only in production.
     if (field == std::end(fields))
       in.fail(FieldReader::join(path, key),
-              "unknown timeout (known: connect_s, accept_s, receive_s, http_init_s, heartbeat_s)");
+              "unknown timeout (known: connect_s, accept_s, receive_s, http_init_s, heartbeat_s, progress_s, lease_s)");
     *field->second = in.seconds(j, key, path);
   }
   // A link idle for `heartbeat` sends one; it must do so well before the peer gives up.
@@ -136,6 +138,9 @@ RingTimeouts parse_timeouts(const FieldReader& in, const json& j, const std::str
     in.fail(FieldReader::join(path, "heartbeat_s"),
             "must be at most half of receive_s (" + std::to_string(t.heartbeat.count()) + " ms vs " +
                 std::to_string(t.receive.count()) + " ms), or idle links would be declared dead");
+  // Renewed every fifth of it, and /init refuses a shorter one.
+  if (t.lease < std::chrono::milliseconds(500))
+    in.fail(FieldReader::join(path, "lease_s"), "must be at least 0.5 s (" + std::to_string(t.lease.count()) + " ms given)");
   return t;
 }
 

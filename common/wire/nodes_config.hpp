@@ -46,6 +46,12 @@ struct RingTimeouts {
   std::chrono::milliseconds receive{10'000};    // silence after which a peer is declared dead
   std::chrono::milliseconds http_init{60'000};  // control-plane initialisation of a secondary
   std::chrono::milliseconds heartbeat{1'000};   // idle time after which a link sends a heartbeat
+  // No frame back around the ring for this long, though every link is alive: a node's
+  // compute is stuck (heartbeats prove only that its link threads run).
+  std::chrono::milliseconds progress{300'000};
+  // A secondary between /init and ring up drops a run whose starter has not renewed
+  // it for this long (the starter renews every fifth of it).
+  std::chrono::milliseconds lease{5'000};
 };
 
 inline constexpr uint64_t kDefaultMaxFrameBytes = 1ull << 30;

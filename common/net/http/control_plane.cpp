@@ -12,6 +12,7 @@ namespace {
 
 constexpr std::chrono::milliseconds kFirstRetryDelay{100};
 constexpr std::chrono::milliseconds kMaxRetryDelay{2000};
+constexpr std::chrono::seconds kRetryReportEvery{5};
 // Far above any real body (an /init nests about 6 deep); parsing and freeing a
 // JSON value recurses once per level, so an unbounded depth crashes the node.
 constexpr size_t kMaxJsonDepth = 64;
@@ -101,11 +102,12 @@ std::string format_endpoint(const std::string& host, uint16_t port) {
 }
 
 HttpResult request_with_retry(ControlClient& client, const std::string& method, const std::string& target,
-                              const nlohmann::json* body, std::chrono::milliseconds deadline) {
+                              const nlohmann::json* body, std::chrono::milliseconds deadline, const std::string& who) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   const auto give_up_at = start + deadline;
   auto delay = kFirstRetryDelay;
+  std::optional<Clock::time_point> reported_at;
   for (int attempt = 1;; ++attempt) {
     try {
       return client.request(method, target, body);
@@ -116,6 +118,12 @@ HttpResult request_with_retry(ControlClient& client, const std::string& method, 
         throw ControlPlaneError(method + " " + format_endpoint(client.host(), client.port()) + target +
                                 ": gave up after " + std::to_string(tried_ms) + " ms and " +
                                 std::to_string(attempt) + " attempts; last error: " + e.what());
+      }
+      if (!reported_at || now - *reported_at >= kRetryReportEvery) {
+        reported_at = now;
+        const auto left_s = std::chrono::duration_cast<std::chrono::seconds>(give_up_at - now).count();
+        spdlog::warn("{}: {}; retrying for up to {} s more: is it running, at that address?",
+                     who.empty() ? format_endpoint(client.host(), client.port()) : who, e.what(), left_s);
       }
       spdlog::debug("attempt {} failed, retrying in {} ms: {}", attempt, delay.count(), e.what());
       std::this_thread::sleep_for(std::min<Clock::duration>(delay, give_up_at - now));

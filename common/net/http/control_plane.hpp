@@ -163,7 +163,10 @@ class ControlClient {
 // how long it tried and the last cause. HTTP error statuses are returned.
 // An attempt in flight at the deadline may overrun it by the client's timeout.
 // A request that timed out may have been executed, so retry only idempotent ones.
+// The first failure, and then one every 5 s, is logged as a warning naming `who`
+// (e.g. "secondary 0 (127.0.0.1:8090)"; default: the server's address), so a long
+// wait is never silent.
 HttpResult request_with_retry(ControlClient& client, const std::string& method, const std::string& target,
-                              const nlohmann::json* body, std::chrono::milliseconds deadline);
+                              const nlohmann::json* body, std::chrono::milliseconds deadline, const std::string& who = "");
 
 }  // namespace mdi

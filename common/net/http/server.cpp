@@ -45,6 +45,7 @@
 
 #include "common/net/http/beast.hpp"
 #include "common/store/sha256.hpp"
+#include "common/wire/json_excerpt.hpp"
 
 namespace mdi {
 namespace {
@@ -62,6 +63,9 @@ constexpr milliseconds kMaxAcceptRetryDelay{1000};
 // Connections past the limit that are being answered 503 at once; any more are
 // closed unanswered, so a flood cannot turn refusals into a descriptor leak.
 constexpr size_t kMaxRefusedSessions = 4;
+// How long a refused connection may take to read its 503: a peer that never closes
+// must not hold one of the kMaxRefusedSessions places for the whole read timeout.
+constexpr milliseconds kRefusedLingerTimeout{1000};
 
 // At most `burst` lines per interval for one kind of event; the first line
 // after that says how many were left out. A peer that can make the server
@@ -219,12 +223,12 @@ struct Router {
       return refused(error_response(400, "request target must be an absolute path"));
     const std::string path = head.target.substr(0, head.target.find('?'));
     auto by_path = routes.find(path);
-    if (by_path == routes.end()) return refused(error_response(404, "no route for " + path));
+    if (by_path == routes.end()) return refused(error_response(404, "no route for " + json_excerpt(path)));
     auto by_method = by_path->second.find(head.method);
     if (by_method == by_path->second.end()) {
       std::string allowed;
       for (const auto& [method, handler] : by_path->second) allowed += (allowed.empty() ? "" : ", ") + method;
-      return refused(error_response(405, head.method + " is not allowed on " + path + " (allowed: " + allowed + ")"));
+      return refused(error_response(405, json_excerpt(head.method) + " is not allowed on " + path + " (allowed: " + allowed + ")"));
     }
     const Handler& handler = by_method->second;
     Admission admitted{&handler, {}, options.max_json_body_bytes, nullptr};
@@ -498,7 +502,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void do_linger() {
     beast::error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-    arm_deadline(router_.options.read_timeout);  // once: lingering is bounded in total
+    arm_deadline(refused_ ? kRefusedLingerTimeout : router_.options.read_timeout);  // once: lingering is bounded in total
     read_and_discard();
   }
 
