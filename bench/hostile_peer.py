@@ -14,6 +14,7 @@ for more than ~10 s; every daemon is killed at the end (also on Ctrl-C).
 """
 import argparse
 import hashlib
+import hmac
 import json
 import os
 import random
@@ -32,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------- frames (docs/PROTOCOL.md section 3)
 MAGIC = 0x4649444D
-VERSION = 2
+VERSION = 3
 T_HELLO, T_ACTIVATIONS = 1, 2
 DT_F32, DT_U8 = 0, 5
 HEADER = struct.Struct("<IHHHBBIIII4IIQQ")  # 64 bytes
@@ -45,8 +46,23 @@ def frame_header(ftype, dtype, shape, payload_bytes, n_tokens=0, start_pos=0, sa
                        payload_bytes)
 
 
-def hello_frame(ring_index, n_nodes, run_id):
-    return frame_header(T_HELLO, DT_U8, [16], 16) + struct.pack("<IIQ", ring_index, n_nodes, run_id)
+HELLO_BYTES = 64  # ring_index u32 | n_nodes u32 | run_id u64 | nonce 16 B | proof 32 B
+HELLO_FRAME_BYTES = HEADER.size + HELLO_BYTES
+CONNECTOR, ACCEPTOR = 1, 2
+
+
+def hello_frame(ring_index, n_nodes, run_id, nonce=bytes(16), proof=bytes(32)):
+    return frame_header(T_HELLO, DT_U8, [HELLO_BYTES], HELLO_BYTES) + struct.pack("<IIQ", ring_index, n_nodes, run_id) + nonce + proof
+
+
+def hello_proof(token, role, run_id, sender, receiver, sender_nonce, receiver_nonce):
+    """docs/PROTOCOL.md section 3: what a Hello proves (no token here: the key is empty)."""
+    message = b"mdi ring hello v3\0" + struct.pack("<BQII", role, run_id, sender, receiver) + sender_nonce + receiver_nonce
+    return hmac.new(token.encode(), message, hashlib.sha256).digest()
+
+
+def hello_nonce(frame_bytes):
+    return frame_bytes[HEADER.size + 16:HEADER.size + 32]
 
 
 # ---------------------------------------------------------------- small helpers
@@ -357,9 +373,12 @@ class FakeStarter:
             except OSError:
                 return
             try:
-                hello = recv_exact(conn, 80, 5.0)
-                if len(hello) == 80:
-                    conn.sendall(hello_frame(0, 2, self.run_id))
+                opening = recv_exact(conn, HELLO_FRAME_BYTES, 5.0)
+                if len(opening) == HELLO_FRAME_BYTES:
+                    nonce = os.urandom(16)
+                    conn.sendall(hello_frame(0, 2, self.run_id, nonce,
+                                             hello_proof("", ACCEPTOR, self.run_id, 0, 1, nonce, hello_nonce(opening))))
+                    recv_exact(conn, HELLO_FRAME_BYTES, 5.0)  # its proving Hello
             except OSError:
                 pass
             self.accepted.append(conn)
@@ -384,9 +403,14 @@ class FakeStarter:
         raise RuntimeError(f"could not connect from port_out {self.port_out} to {self.sec_port_in}: {last}")
 
     def hello(self):
-        self.sock.sendall(hello_frame(0, 2, self.run_id))
-        reply = recv_exact(self.sock, 80, 5.0)
-        return len(reply) == 80
+        nonce = os.urandom(16)
+        self.sock.sendall(hello_frame(0, 2, self.run_id, nonce))
+        reply = recv_exact(self.sock, HELLO_FRAME_BYTES, 5.0)
+        if len(reply) != HELLO_FRAME_BYTES:
+            return False
+        self.sock.sendall(hello_frame(0, 2, self.run_id, nonce,
+                                      hello_proof("", CONNECTOR, self.run_id, 0, 1, nonce, hello_nonce(reply))))
+        return True
 
     def close(self):
         self.stop = True

@@ -40,6 +40,10 @@ nlohmann::json loopback_config(size_t n_nodes, const std::string& auth_token = "
   return config;
 }
 
+uint16_t control_port(const nlohmann::json& config, size_t index) {
+  return config["nodes"]["secondary"][index]["communication"]["port"].get<uint16_t>();
+}
+
 class Daemon : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -256,8 +260,9 @@ class HandRing {
     accepted_ = std::async(std::launch::async, [this] { return listener_->accept_prev(run_id_, {}); });
   }
 
-  // Connects from the starter's port_out and exchanges Hellos; returns the socket.
-  int connect_and_hello() {
+  // Connects from the starter's port_out and exchanges Hellos, proving `token` (by
+  // default the config's); returns the socket.
+  int connect_and_hello(std::optional<std::string> token = std::nullopt) {
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     ::setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -266,7 +271,8 @@ class HandRing {
     sockaddr_in remote{AF_INET, htons(config_.secondaries[0].port_in), {htonl(INADDR_LOOPBACK)}, {}};
     bool connected = mdi::test::wait_until([&] { return ::connect(fd_, reinterpret_cast<sockaddr*>(&remote), sizeof remote) == 0; }, seconds(10));
     EXPECT_TRUE(connected);
-    send_frame(mdi::make_hello_frame({0, 2, run_id_}));
+    mdi::HelloInfo hello{0, 2, run_id_, mdi::new_hello_nonce(), {}};
+    send_frame(mdi::make_hello_frame(hello));
     uint8_t reply[mdi::kFrameHeaderBytes + mdi::kHelloPayloadBytes];
     size_t got = 0;
     while (got < sizeof reply) {
@@ -275,6 +281,13 @@ class HandRing {
       got += size_t(n);
     }
     EXPECT_EQ(got, sizeof reply) << "no Hello back from the secondary";
+    if (got != sizeof reply) return fd_;
+    mdi::Frame answer;
+    answer.header = mdi::decode_header(reply, {});
+    answer.payload.assign(reply + mdi::kFrameHeaderBytes, reply + sizeof reply);
+    const mdi::HelloInfo theirs = mdi::decode_hello(answer);
+    hello.proof = mdi::hello_proof(token.value_or(config_.auth_token), mdi::HelloRole::connector, run_id_, 0, 1, hello.nonce, theirs.nonce);
+    send_frame(mdi::make_hello_frame(hello));
     return fd_;
   }
 
@@ -423,6 +436,35 @@ TEST_F(Daemon, DataPortRefusesAConnectionThatIsNotThePreviousNode) {
   EXPECT_EQ(secondary->wait(seconds(20)), 0);
 }
 
+// The hijack of issue 17: a same-host process binds the starter's port_out and says
+// Hello with the run id. With a token, its Hello must prove it, so it is refused.
+TEST_F(Daemon, WithATokenAHelloFromTheStartersPortThatCannotProveTheTokenIsRefused) {
+  auto config = loopback_config(2, "s3cret");
+  auto secondary = start_secondary(write_config(config, "forger"), 0);
+  mdi::ControlClient client("127.0.0.1", control_port(config, 0), "s3cret");
+  ASSERT_EQ(status(client).body["state"], "idle");
+  auto body = init_body(config, 0, 7);
+  ASSERT_EQ(client.request("POST", "/init", &body).status, 200);
+  for (const std::string token : {"", "not the token"}) {
+    HandRing forger(config, 7);
+    const int fd = forger.connect_and_hello(token);
+    pollfd readable{fd, POLLIN, 0};
+    ASSERT_EQ(::poll(&readable, 1, 5000), 1) << "the node neither answered nor closed the forger's connection";
+    char byte;
+    EXPECT_LE(::recv(fd, &byte, 1, 0), 0) << "a Hello proving \"" << token << "\" was taken";
+    EXPECT_EQ(client.request("GET", "/status").body["state"], "ready");
+  }
+  {
+    HandRing ring(config, 7);
+    ring.connect_and_hello();
+    EXPECT_TRUE(mdi::test::wait_until([&] { return client.request("GET", "/status").body["state"] == "running"; }, seconds(10)));
+  }
+  EXPECT_TRUE(mdi::test::wait_until([&] { return client.request("GET", "/status").body["state"] == "idle"; }, seconds(15)));
+  EXPECT_NE(secondary->err().find("does not prove the ring's auth_token"), std::string::npos) << secondary->err();
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
 TEST_F(Daemon, WithATokenEveryRequestNeedsItAndTheStarterSendsIt) {
   auto config = loopback_config(2, "s3cret");
   const fs::path path = write_config(config, "auth");
@@ -473,10 +515,6 @@ TEST_F(Daemon, WithoutATokenRequestsAreServed) {
   EXPECT_EQ(client.request("GET", "/status").body["state"], "idle");
   EXPECT_EQ(client.request("PUT", "/stop").status, 200);
   EXPECT_EQ(secondary->wait(seconds(20)), 0);
-}
-
-uint16_t control_port(const nlohmann::json& config, size_t index) {
-  return config["nodes"]["secondary"][index]["communication"]["port"].get<uint16_t>();
 }
 
 // A ring run that ended early: every sample cut short with `reason` in --out, with

@@ -67,7 +67,7 @@ TEST(Frame, HeaderIsLittleEndianFieldByField) {
   uint8_t bytes[kFrameHeaderBytes];
   encode_header(activations_header(), bytes);
   EXPECT_EQ(std::string(reinterpret_cast<const char*>(bytes), 4), "MDIF");
-  EXPECT_EQ(bytes[4], 2);    // version
+  EXPECT_EQ(bytes[4], 3);    // version
   EXPECT_EQ(bytes[6], 2);    // type Activations
   EXPECT_EQ(bytes[11], 2);   // ndim
   EXPECT_EQ(bytes[12], 7);   // sample_id
@@ -89,8 +89,11 @@ TEST(Frame, DTypeSizes) {
 }
 
 TEST(Frame, HelloRoundTrips) {
-  const HelloInfo hello{2, 3, 0x0123456789ABCDEFull};
+  HelloInfo hello{2, 3, 0x0123456789ABCDEFull, {}, {}};
+  for (size_t i = 0; i < hello.nonce.size(); ++i) hello.nonce[i] = static_cast<uint8_t>(i + 1);
+  for (size_t i = 0; i < hello.proof.size(); ++i) hello.proof[i] = static_cast<uint8_t>(0xF0 - i);
   Frame frame = make_hello_frame(hello);
+  EXPECT_EQ(frame.payload.size(), 64u);
   uint8_t bytes[kFrameHeaderBytes];
   encode_header(frame.header, bytes);
   frame.header = decode_header(bytes, {});
@@ -98,6 +101,8 @@ TEST(Frame, HelloRoundTrips) {
   EXPECT_EQ(back.ring_index, 2u);
   EXPECT_EQ(back.n_nodes, 3u);
   EXPECT_EQ(back.run_id, hello.run_id);
+  EXPECT_EQ(back.nonce, hello.nonce);
+  EXPECT_EQ(back.proof, hello.proof);
   EXPECT_THROW(decode_hello(make_control_frame(FrameType::RunStop)), ProtocolError);
 }
 
@@ -141,9 +146,9 @@ TEST(FrameValidation, WrongMagic) {
 }
 
 TEST(FrameValidation, NewerVersionNamesBothVersions) {
-  const std::string error = decode_error([](uint8_t* b) { b[4] = 3; });
-  EXPECT_THAT(error, HasSubstr("version is 3"));
-  EXPECT_THAT(error, HasSubstr("protocol version 2"));
+  const std::string error = decode_error([](uint8_t* b) { b[4] = 4; });
+  EXPECT_THAT(error, HasSubstr("version is 4"));
+  EXPECT_THAT(error, HasSubstr("protocol version 3"));
 }
 
 TEST(FrameValidation, UnknownType) {

@@ -191,8 +191,15 @@ class RawPeer {
     send_bytes(header, sizeof header);
     if (!frame.payload.empty()) send_bytes(frame.payload.data(), frame.payload.size());
   }
+  // The connection's opening Hello, then (after the acceptor's answer) the one proving `token`.
   void send_hello(uint32_t ring_index, uint32_t n_nodes, uint64_t run_id = kRunId) {
-    send_frame(make_hello_frame({ring_index, n_nodes, run_id}));
+    opening_ = {ring_index, n_nodes, run_id, new_hello_nonce(), {}};
+    send_frame(make_hello_frame(opening_));
+  }
+  void send_proof(const HelloInfo& answer, const std::string& token = "") {
+    HelloInfo proving = opening_;
+    proving.proof = hello_proof(token, HelloRole::connector, opening_.run_id, opening_.ring_index, answer.ring_index, opening_.nonce, answer.nonce);
+    send_frame(make_hello_frame(proving));
   }
 
   // The Hello the accepting node answers with.
@@ -234,6 +241,7 @@ class RawPeer {
   }
 
   int fd_;
+  HelloInfo opening_;
 };
 
 // Ring index 1 of a 2-node ring, accepting a RawPeer that plays ring index 0.
@@ -242,7 +250,9 @@ struct AcceptedRawPeer {
     auto accepted = std::async(std::launch::async, [&] { return listener.accept_prev(kRunId, options); });
     peer = std::make_unique<RawPeer>(config.node(0).port_out, config.node(1).port_in);
     peer->send_hello(0, 2);
-    EXPECT_EQ(peer->receive_hello(5s).ring_index, 1u);
+    const HelloInfo answer = peer->receive_hello(5s);
+    EXPECT_EQ(answer.ring_index, 1u);
+    peer->send_proof(answer);
     link = accepted.get();
   }
   std::string prev_name() const { return "ring index 0 (127.0.0.1:" + std::to_string(config.node(0).port_out) + ")"; }
@@ -378,7 +388,46 @@ TEST(Transport, WrongSourcePortIsRefusedAndTheRightOneAccepted) {
   EXPECT_EQ(answer.ring_index, 1u);
   EXPECT_EQ(answer.n_nodes, 2u);
   EXPECT_EQ(answer.run_id, kRunId);
+  prev.send_proof(answer);
   EXPECT_EQ(accepted.get()->peer(), "ring index 0 (127.0.0.1:" + std::to_string(config.node(0).port_out) + ")");
+}
+
+// With an auth_token, the previous node's own address, port and run id are not enough:
+// a peer that cannot prove the token is refused, and ring setup goes on waiting.
+TEST(Transport, WithATokenAHelloThatDoesNotProveItIsRefusedAndOneThatDoesIsAccepted) {
+  NodesConfig config = loopback_ring(2);
+  config.auth_token = "s3cret";
+  RingListener listener(config, 1);
+  auto accepted = std::async(std::launch::async, [&] { return listener.accept_prev(kRunId, {}); });
+  for (const std::string token : {"", "wrong"}) {
+    RawPeer forger(config.node(0).port_out, config.node(1).port_in);
+    forger.send_hello(0, 2);
+    const HelloInfo answer = forger.receive_hello(5s);
+    forger.send_proof(answer, token);
+    EXPECT_TRUE(forger.closed_by_peer(5s)) << "a Hello proving \"" << token << "\" was taken";
+  }
+  RawPeer prev(config.node(0).port_out, config.node(1).port_in);
+  prev.send_hello(0, 2);
+  const HelloInfo answer = prev.receive_hello(5s);
+  prev.send_proof(answer, "s3cret");
+  EXPECT_EQ(accepted.get()->peer(), "ring index 0 (127.0.0.1:" + std::to_string(config.node(0).port_out) + ")");
+}
+
+// Two real nodes whose tokens differ never form a ring.
+TEST(Transport, NodesWithDifferentTokensRefuseEachOther) {
+  NodesConfig config = loopback_ring(2);
+  config.timeouts.accept = 1s;
+  config.timeouts.connect = 1s;
+  NodesConfig other = config;
+  config.auth_token = "one";
+  other.auth_token = "two";
+  auto starter = std::async(std::launch::async, [&] { return test::error_of<RingSetupError>([&] { connect_ring(config, 0, kRunId); }); });
+  const std::string error = test::error_of<RingSetupError>([&] { connect_ring(other, 1, kRunId); });
+  const std::string starter_error = starter.get();
+  EXPECT_FALSE(error.empty());
+  EXPECT_FALSE(starter_error.empty());
+  // whichever node checks a proof first fails on it; the other may see only its peer leave
+  EXPECT_THAT(error + starter_error, HasSubstr("does not prove the ring's auth_token"));
 }
 
 TEST(Transport, HelloFromAnotherRunIsRefused) {

@@ -18,6 +18,10 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -33,6 +37,40 @@
 #include "common/net/socket_io.hpp"
 
 namespace mdi {
+
+HelloProof hello_proof(const std::string& token, HelloRole sender_role, uint64_t run_id, uint32_t sender, uint32_t receiver,
+                       const HelloNonce& sender_nonce, const HelloNonce& receiver_nonce) {
+  static constexpr char kLabel[] = "mdi ring hello v3";
+  uint8_t message[sizeof kLabel + 1 + 8 + 4 + 4 + 2 * kHelloNonceBytes];
+  uint8_t* at = std::copy(std::begin(kLabel), std::end(kLabel), message);
+  *at++ = static_cast<uint8_t>(sender_role);
+  for (int i = 0; i < 8; ++i) *at++ = static_cast<uint8_t>(run_id >> (8 * i));
+  for (uint32_t v : {sender, receiver})
+    for (int i = 0; i < 4; ++i) *at++ = static_cast<uint8_t>(v >> (8 * i));
+  at = std::copy(sender_nonce.begin(), sender_nonce.end(), at);
+  std::copy(receiver_nonce.begin(), receiver_nonce.end(), at);
+  HelloProof proof{};
+  unsigned int length = 0;
+  static const char kNoKey = 0;  // HMAC() takes a null key as "the previous one"
+  if (!HMAC(EVP_sha256(), token.empty() ? &kNoKey : token.data(), static_cast<int>(token.size()), message, sizeof message, proof.data(),
+            &length) ||
+      length != proof.size())
+    throw TransportError("HMAC-SHA256 of a Hello failed");
+  return proof;
+}
+
+HelloNonce new_hello_nonce() {
+  HelloNonce nonce{};
+  size_t got = 0;
+  while (got < nonce.size()) {
+    const ssize_t n = getrandom(nonce.data() + got, nonce.size() - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw TransportError("getrandom: " + socket_io::errno_text(errno));
+    got += static_cast<size_t>(n);
+  }
+  return nonce;
+}
+
 namespace {
 
 using namespace socket_io;
@@ -48,7 +86,7 @@ std::string node_text(size_t ring_index, const std::string& addr, uint16_t port)
 }
 
 // Checks the Hello the other end sent: the node we expect, in the same ring and run.
-void check_hello(const Frame& frame, size_t expected_index, const NodesConfig& config, uint64_t run_id) {
+HelloInfo check_hello(const Frame& frame, size_t expected_index, const NodesConfig& config, uint64_t run_id) {
   const HelloInfo hello = decode_hello(frame);
   if (hello.ring_index != expected_index)
     throw TransportError("its Hello says ring index " + std::to_string(hello.ring_index) + ", expected " +
@@ -59,10 +97,20 @@ void check_hello(const Frame& frame, size_t expected_index, const NodesConfig& c
   if (hello.run_id != run_id)
     throw TransportError("its Hello is for run " + std::to_string(hello.run_id) + ", this node is in run " +
                          std::to_string(run_id) + " (a node left over from another run?)");
+  return hello;
 }
 
-Frame hello_frame(const NodesConfig& config, size_t my_ring_index, uint64_t run_id) {
-  return make_hello_frame({static_cast<uint32_t>(my_ring_index), static_cast<uint32_t>(config.n_nodes()), run_id});
+// Checks that `hello` proves the token over our nonce and its own.
+void check_proof(const HelloInfo& hello, const NodesConfig& config, HelloRole its_role, size_t my_index, const HelloNonce& my_nonce) {
+  const HelloProof expected =
+      hello_proof(config.auth_token, its_role, hello.run_id, hello.ring_index, static_cast<uint32_t>(my_index), hello.nonce, my_nonce);
+  if (CRYPTO_memcmp(expected.data(), hello.proof.data(), expected.size()) != 0)
+    throw TransportError("its Hello does not prove the ring's auth_token (a node with another token, or no node of this ring)");
+}
+
+Frame hello_frame(const NodesConfig& config, size_t my_ring_index, uint64_t run_id, const HelloNonce& nonce,
+                  const HelloProof& proof = {}) {
+  return make_hello_frame({static_cast<uint32_t>(my_ring_index), static_cast<uint32_t>(config.n_nodes()), run_id, nonce, proof});
 }
 
 // Socket options of every ring connection, set in one place.
@@ -196,8 +244,17 @@ std::unique_ptr<TcpLink> RingListener::accept_prev(uint64_t run_id, const LinkOp
     }
     try {
       configure_link_socket(socket, config.timeouts);
-      check_hello(read_frame(socket.native_handle(), limits, config.timeouts.receive), prev_index, config, run_id);
-      write_frame(socket.native_handle(), hello_frame(config, self.my_index, run_id), config.timeouts.receive);
+      const int fd = socket.native_handle();
+      const HelloInfo opening = check_hello(read_frame(fd, limits, config.timeouts.receive), prev_index, config, run_id);
+      const HelloNonce nonce = new_hello_nonce();
+      write_frame(fd,
+                  hello_frame(config, self.my_index, run_id, nonce,
+                              hello_proof(config.auth_token, HelloRole::acceptor, run_id, static_cast<uint32_t>(self.my_index),
+                                          static_cast<uint32_t>(prev_index), nonce, opening.nonce)),
+                  config.timeouts.receive);
+      const HelloInfo proving = check_hello(read_frame(fd, limits, config.timeouts.receive), prev_index, config, run_id);
+      if (proving.nonce != opening.nonce) throw TransportError("its second Hello has another nonce than its first");
+      check_proof(proving, config, HelloRole::connector, self.my_index, nonce);
     } catch (const std::exception& e) {
       last_rejection = "the connection from " + from + ": " + e.what();
       spdlog::warn("ring: {}: refused {}", doing, last_rejection);
@@ -248,8 +305,16 @@ std::unique_ptr<TcpLink> connect_next(const NodesConfig& config, size_t my_ring_
     if (error == 0) {
       try {
         configure_link_socket(socket, config.timeouts);
-        write_frame(socket.native_handle(), hello_frame(config, my_ring_index, run_id), config.timeouts.receive);
-        check_hello(read_frame(socket.native_handle(), limits, config.timeouts.receive), next_index, config, run_id);
+        const int fd = socket.native_handle();
+        const HelloNonce nonce = new_hello_nonce();
+        write_frame(fd, hello_frame(config, my_ring_index, run_id, nonce), config.timeouts.receive);
+        const HelloInfo answer = check_hello(read_frame(fd, limits, config.timeouts.receive), next_index, config, run_id);
+        check_proof(answer, config, HelloRole::acceptor, my_ring_index, nonce);
+        write_frame(fd,
+                    hello_frame(config, my_ring_index, run_id, nonce,
+                                hello_proof(config.auth_token, HelloRole::connector, run_id, static_cast<uint32_t>(my_ring_index),
+                                            static_cast<uint32_t>(next_index), nonce, answer.nonce)),
+                    config.timeouts.receive);
       } catch (const std::exception& e) {
         throw RingSetupError(doing + ": " + e.what());
       }

@@ -4,10 +4,13 @@
 //
 //   starter --port_out--> port_in secondary 0 --port_out--> ... secondary N-1 --port_out--> port_in starter
 //
-// Each connection opens with a Hello in both directions (ring index, ring size,
-// run id), so a stranger or a node of another run is turned away.
+// Each connection opens with three Hellos (ring index, ring size, run id, a nonce and
+// a proof): the connecting node's, the accepting node's, proving the ring's auth_token
+// over both nonces, and the connecting node's again, proving it too. So a stranger,
+// a node of another run, or one without the token is turned away (docs/PROTOCOL.md).
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "common/net/link.hpp"
 #include "common/wire/nodes_config.hpp"
@@ -48,6 +51,16 @@ class RingListener {
 // our Hello and checks the next node's. Throws RingSetupError naming address:port.
 std::unique_ptr<TcpLink> connect_next(const NodesConfig& config, size_t my_ring_index, uint64_t run_id,
                                    const LinkOptions& options);
+
+enum class HelloRole : uint8_t { connector = 1, acceptor = 2 };
+
+// What a Hello proves: HMAC-SHA256 under `token` of the sender's role, the run, who
+// sends it to whom, and both ends' nonces, the sender's first. With no token the key is
+// empty: the exchange is the same but proves nothing, as the ring is then open anyway.
+HelloProof hello_proof(const std::string& token, HelloRole sender_role, uint64_t run_id, uint32_t sender, uint32_t receiver,
+                       const HelloNonce& sender_nonce, const HelloNonce& receiver_nonce);
+// 16 bytes from the kernel's random source.
+HelloNonce new_hello_nonce();
 
 // Both halves at once (accepting on a second thread), so that every node may call
 // this at about the same time, in any order. Needs at least 2 nodes. Throws

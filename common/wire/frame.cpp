@@ -290,6 +290,8 @@ Frame make_hello_frame(const HelloInfo& hello) {
   put_le<uint32_t>(payload + 0, hello.ring_index);
   put_le<uint32_t>(payload + 4, hello.n_nodes);
   put_le<uint64_t>(payload + 8, hello.run_id);
+  std::copy(hello.nonce.begin(), hello.nonce.end(), payload + 16);
+  std::copy(hello.proof.begin(), hello.proof.end(), payload + 16 + kHelloNonceBytes);
   return make_tensor_frame(FrameType::Hello, 0, 0, WireDType::U8, {static_cast<uint32_t>(kHelloPayloadBytes)}, payload,
                            sizeof payload);
 }
@@ -304,6 +306,8 @@ HelloInfo decode_hello(const Frame& frame) {
   hello.ring_index = get_le<uint32_t>(frame.payload.data() + 0);
   hello.n_nodes = get_le<uint32_t>(frame.payload.data() + 4);
   hello.run_id = get_le<uint64_t>(frame.payload.data() + 8);
+  std::copy_n(frame.payload.data() + 16, kHelloNonceBytes, hello.nonce.begin());
+  std::copy_n(frame.payload.data() + 16 + kHelloNonceBytes, kHelloProofBytes, hello.proof.begin());
   return hello;
 }
 

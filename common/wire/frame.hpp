@@ -23,7 +23,8 @@
 //     56     8  payload_bytes   = product(shape[:ndim]) * dtype size
 //     64        payload         payload_bytes raw bytes, row-major, little-endian elements
 //
-// Hello payload (16 bytes): ring_index u32 | n_nodes u32 | run_id u64.
+// Hello payload (64 bytes): ring_index u32 | n_nodes u32 | run_id u64 | nonce 16 B | proof 32 B
+// (the proof is HMAC-SHA256 under the ring's auth_token; docs/PROTOCOL.md, "Hello").
 //
 // ActivationBatch payload: `segments` entries of 16 bytes (sample_id u32 | start_pos u32 |
 // n_tokens u32 | zero u32), then the rows of every segment in table order as the
@@ -37,7 +38,8 @@
 namespace mdi {
 
 inline constexpr uint32_t kFrameMagic = 0x4649444D;  // bytes 4D 44 49 46, "MDIF", once little-endian
-inline constexpr uint16_t kProtocolVersion = 2;  // 2: ActivationBatch and the segments field
+// 2: ActivationBatch and the segments field; 3: Hello carries a nonce and an HMAC proof
+inline constexpr uint16_t kProtocolVersion = 3;
 inline constexpr size_t kFrameHeaderBytes = 64;
 inline constexpr size_t kMaxFrameDims = 4;
 // The header `layer` of a Capture frame of the embedding output.
@@ -152,12 +154,17 @@ std::vector<BatchSegment> decode_batch_segments(const Frame& frame, const FrameL
 inline size_t batch_rows_offset(const FrameHeader& header) { return kBatchSegmentBytes * header.segments; }
 
 // What each end of a ring connection says first.
+inline constexpr size_t kHelloNonceBytes = 16, kHelloProofBytes = 32;
+using HelloNonce = std::array<uint8_t, kHelloNonceBytes>;
+using HelloProof = std::array<uint8_t, kHelloProofBytes>;
 struct HelloInfo {
   uint32_t ring_index = 0;  // the sender's position in the ring (0 = starter)
   uint32_t n_nodes = 0;
   uint64_t run_id = 0;  // chosen by the starter for one run; a stale peer's differs
+  HelloNonce nonce{};   // the sender's, fresh for each connection: the other end's proof covers it
+  HelloProof proof{};   // zero in a connection's first Hello, which answers no nonce yet
 };
-inline constexpr size_t kHelloPayloadBytes = 16;
+inline constexpr size_t kHelloPayloadBytes = 16 + kHelloNonceBytes + kHelloProofBytes;
 Frame make_hello_frame(const HelloInfo& hello);
 // Throws ProtocolError if `frame` is not a well-formed Hello.
 HelloInfo decode_hello(const Frame& frame);
