@@ -250,6 +250,54 @@ TEST_F(Daemon, WithFewFileDescriptorsIdleConnectionsNeitherLockTheStarterOutNorF
   EXPECT_LT(log.size(), 4000u) << log.substr(0, 2000);
 }
 
+// Every place taken by a request stalled mid-body, and the connections refused with 503
+// never closed by their peers: the 503s still go out, so a client is told to retry
+// rather than cut off unanswered until the stalled requests time out (30 s).
+TEST_F(Daemon, WhenEveryConnectionIsMidRequestNewOnesStillGet503AndRefusedOnesDoNotHoldTheirPlace) {
+  auto config = loopback_config(2);
+  // 32 places (half of 64 descriptors), so few connections fill them
+  auto secondary = start_secondary(write_config(config, "midbody"), 0, {}, {"/bin/sh", "-c", "ulimit -n 64 && exec \"$0\" \"$@\""});
+  mdi::ControlClient client("127.0.0.1", control_port(config, 0), "", seconds(2));
+  ASSERT_EQ(status(client).body["state"], "idle");
+  const std::string stalled = "POST /init HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{";
+  std::vector<int> held;
+  auto answer_of = [&](int fd) {
+    char reply[64] = {};
+    pollfd readable{fd, POLLIN, 0};
+    if (::poll(&readable, 1, 2000) != 1) return std::string("no answer");
+    const ssize_t n = ::recv(fd, reply, sizeof reply - 1, 0);
+    return n <= 0 ? std::string("closed") : std::string(reply, static_cast<size_t>(n)).substr(0, 12);
+  };
+  for (int i = 0; i < 40; ++i) {
+    held.push_back(connect_idle(control_port(config, 0)));
+    ::send(held.back(), stalled.data(), stalled.size(), MSG_NOSIGNAL);
+  }
+  // Past the places and the refusals under way, each new connection, kept open as a
+  // careless client would, is answered 503 once a refused one has had its second.
+  for (int round = 0; round < 3; ++round) {
+    const auto asked_at = std::chrono::steady_clock::now();
+    std::string answer;
+    ASSERT_TRUE(mdi::test::wait_until([&] {
+      const int fd = connect_idle(control_port(config, 0));
+      ::send(fd, stalled.data(), stalled.size(), MSG_NOSIGNAL);
+      held.push_back(fd);
+      answer = answer_of(fd);
+      return answer == "HTTP/1.1 503";
+    }, seconds(10))) << "round " << round << ": last answer " << answer;
+    EXPECT_LT(std::chrono::steady_clock::now() - asked_at, seconds(5)) << "round " << round;
+  }
+  for (int fd : held) ::close(fd);
+  EXPECT_TRUE(mdi::test::wait_until([&] {
+    try {
+      return client.request("GET", "/status").status == 200;
+    } catch (const mdi::ControlPlaneError&) {
+      return false;
+    }
+  }, seconds(10)));
+  EXPECT_EQ(client.request("PUT", "/stop").status, 200);
+  EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
+}
+
 // Plays the starter of a 2-node ring by hand: accepts the secondary's
 // connection with the real transport, and opens its own connection to the
 // secondary's port_in from a raw socket, so it can send anything.
