@@ -839,12 +839,14 @@ def case7(b):
             got_503 += b" 503 " in s.recv(4096, socket.MSG_PEEK)
         except OSError:
             pass
-    ok = set(tally) <= {"200", "503"}
+    # docs/PROTOCOL.md: at most 4 refusals at once, each given 1 s to read its 503; past
+    # them a connection is closed unanswered. So: 503s, some closes, never a hang.
+    ok = tally.get("503", 0) + tally.get("200", 0) >= 1 and set(tally) <= {"200", "503", "no answer (eof)", "no answer (reset)"}
     b.note("7", f"{len(socks)} conns stalled mid-body; 6x GET /status in 3 s",
            mark(ok, ", ".join(f"{v}x {k}" for k, v in tally.items()) + f"; {got_503} flood conns got 503"))
     if not ok:
-        b.failures.append(("7", f"GET /status during a {len(socks)}-connection mid-body flood: {tally} (no 503 seen "
-                                "by the client that asked)"))
+        b.failures.append(("7", f"GET /status during a {len(socks)}-connection mid-body flood: {tally} (no answer at "
+                                "all, or a hang)"))
     # how long the flood (never closed by us) keeps a starter out: the node drops stalled requests after 30 s
     a = Answer(None)
     while time.monotonic() - flood_began < 40:
