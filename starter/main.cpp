@@ -362,7 +362,8 @@ int run_distributed(const StarterOptions& opt, const mdi::NodesConfig& nodes, co
       mdi::StageStats starter_stats;
       mdi::RingGenerationOptions ring_options;
       ring_options.micro_batch = static_cast<size_t>(opt.micro_batch > 0 ? opt.micro_batch : (opt.n_samples + n_nodes - 1) / n_nodes);
-      spdlog::info("micro-batches of up to {} samples per frame", std::min<size_t>(ring_options.micro_batch, mdi::kBatchInvariantRows));
+      spdlog::info("micro-batches of up to {} samples per frame",
+                   std::min({ring_options.micro_batch, samples.size(), static_cast<size_t>(mdi::kBatchInvariantRows)}));
       ring_options.send_timeout = nodes.timeouts.receive;
       ring_options.drain_timeout = nodes.timeouts.receive;
       ring_options.hooks = probing.hooks(chunk);

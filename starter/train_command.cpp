@@ -121,6 +121,7 @@ class TrainingRun {
     plan_.schedule = mdi::parse_schedule(opt_.schedule);
     plan_.micro_batches = opt_.micro_batches;
     plan_.seq_len = opt_.seq_len;
+    plan_.micro_batch_sequences = opt_.batch_size / opt_.micro_batches;
     plan_.trainable = mdi::parse_trainable_set(opt_.train_layers, config.n_layers);
     plan_.optimizer.lr = opt_.lr;  // betas and eps: OptimizerSettings' defaults
     plan_.optimizer.warmup = opt_.warmup;
@@ -301,7 +302,10 @@ class TrainingRun {
     }
     try {
       cluster.init_all(split_, mdi::manifest_path(opt_.ckpt, n_nodes).parent_path(), settings);
-      mdi::RingLinks links = mdi::connect_ring(nodes, 0, settings.run_id, mdi::LinkOptions{});
+      mdi::LinkOptions link_options;
+      link_options.max_payload_bytes =
+          mdi::training_payload_cap(static_cast<uint64_t>(chunk.config().dim), static_cast<uint64_t>(plan_.micro_batch_sequences * plan_.seq_len));
+      mdi::RingLinks links = mdi::connect_ring(nodes, 0, settings.run_id, link_options);
       cluster.ring_up();
       mdi::StarterPipeline pipeline(chunk, links, plan_, n_nodes, nodes.timeouts.receive);
       run_steps(pipeline, data, resume, &cluster);

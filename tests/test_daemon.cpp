@@ -21,6 +21,7 @@
 #include "common/store/checkpoint.hpp"
 #include "common/store/model_store.hpp"
 #include "common/store/sha256.hpp"
+#include "common/train/plan.hpp"
 #include "common/wire/frame.hpp"
 #include "common/wire/init_request.hpp"
 #include "tests/support.hpp"
@@ -702,7 +703,7 @@ TEST_F(Daemon, SigintStopsARingRunKeepingEverySamplesTokensAndTheNodeGoesBackToI
   mdi::ControlClient c0("127.0.0.1", config["nodes"]["secondary"][0]["communication"]["port"].get<uint16_t>());
   ASSERT_EQ(status(c0).status, 200);
   ChildProcess starter({(mdi::test::bin_dir() / "starter").string(), "--nodes-config", path.string(), "--ckpt", model_dir_.string(),
-                        "--n-samples", "3", "--n-tokens", "500", "--prompt", "a", "--threads", "1", "--out",
+                        "--n-samples", "3", "--n-tokens", "500", "--prompt", "a", "--threads", "1", "--micro-batch", "67", "--out",
                         (dir_ / "sigint-out.json").string()},
                        dir_.path(), "sigint-starter");
   ASSERT_TRUE(mdi::test::wait_until([&] {
@@ -714,6 +715,8 @@ TEST_F(Daemon, SigintStopsARingRunKeepingEverySamplesTokensAndTheNodeGoesBackToI
   ASSERT_TRUE(code.has_value()) << "SIGINT did not stop the starter within 10 s";
   EXPECT_EQ(*code, 128 + SIGINT) << starter.err();
   EXPECT_NE(starter.err().find("interrupted by SIGINT"), std::string::npos) << starter.err();
+  // --micro-batch 67 with 3 samples: frames carry 3 at most (and never more than 32 rows)
+  EXPECT_NE(starter.err().find("micro-batches of up to 3 samples per frame"), std::string::npos) << starter.err();
   expect_cut_short(dir_ / "sigint-out.json", starter.out(), "interrupted", 3);
   // the starter reset the node on its way out: no run left behind
   EXPECT_EQ(c0.request("GET", "/status").body["state"], "idle");
@@ -981,6 +984,32 @@ TEST_F(Daemon, TheRunsContextAndFrameCapFromInitBoundWhatTheNodeAccepts) {
     const auto s = client.request("GET", "/status").body;
     EXPECT_NE(s.value("last_error", "").find(c.expect), std::string::npos) << c.field << ": " << s;
   }
+  // A training run's frames hold one micro-batch: 2 sequences of 16 rows of dim 64, in float32.
+  auto training = init_body(config, 0, ++run_id);
+  mdi::TrainingPlan plan;
+  plan.micro_batches = 2;
+  plan.seq_len = 16;
+  plan.micro_batch_sequences = 2;
+  plan.trainable = mdi::parse_trainable_set("all", reader_->config().n_layers);
+  plan.steps = 1;
+  training["training"] = plan.to_json();
+  ASSERT_EQ(client.request("POST", "/init", &training).status, 200);
+  {
+    HandRing ring(config, run_id);
+    ring.connect_and_hello();
+    mdi::FrameHeader header;
+    header.type = mdi::FrameType::Activations;
+    header.n_tokens = 33;
+    header.ndim = 2;
+    header.shape = {33, 64, 0, 0};  // one row past the micro-batch, header only: refused before its payload
+    header.payload_bytes = 33 * 64 * 4;
+    uint8_t bytes[mdi::kFrameHeaderBytes];
+    mdi::encode_header(header, bytes);
+    ring.send_bytes(bytes, sizeof bytes);
+    EXPECT_TRUE(mdi::test::wait_until([&] { return client.request("GET", "/status").body["state"] == "idle"; }, seconds(15)));
+  }
+  const auto s = client.request("GET", "/status").body;
+  EXPECT_NE(s.value("last_error", "").find("exceeds the limit 8192"), std::string::npos) << s;
   EXPECT_EQ(client.request("PUT", "/stop").status, 200);
   EXPECT_EQ(secondary->wait(seconds(20)), 0) << secondary->err();
 }

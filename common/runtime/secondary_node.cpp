@@ -291,9 +291,9 @@ void SecondaryNode::run_ring(std::shared_ptr<Run> run) {
   try {
     LinkOptions link_options;
     link_options.setup_cancel = &run->cancel;
-    // Training frames carry batch rows the /init does not state yet, so only max_frame_bytes bounds them.
-    if (!request.training)
-      link_options.max_payload_bytes = inference_payload_cap(request.model.dim, request.max_seq_len, kBatchInvariantRows);
+    link_options.max_payload_bytes =
+        request.training ? training_payload_cap(request.model.dim, request.training->micro_batch_sequences * request.training->seq_len)
+                         : inference_payload_cap(request.model.dim, request.max_seq_len, kBatchInvariantRows);
     RingLinks links = connect_ring(request.nodes, ring_index, request.run_id, link_options);
     {
       std::lock_guard lock(mutex_);

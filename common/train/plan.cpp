@@ -150,6 +150,7 @@ bool TrainingPlan::saves_after(int64_t step) const {
 
 nlohmann::json TrainingPlan::to_json() const {
   return {{"schedule", schedule_name(schedule)}, {"micro_batches", micro_batches}, {"seq_len", seq_len},
+          {"micro_batch_sequences", micro_batch_sequences},
           {"train_layers", trainable.to_string()}, {"optimizer", optimizer.to_json()}, {"first_step", first_step},
           {"steps", steps}, {"save_every", save_every}, {"checkpoint_dir", checkpoint_dir}, {"upload_stages", upload_stages},
           {"resume", {{"file", resume_file}, {"sha256", resume_sha256}}}};
@@ -162,6 +163,7 @@ TrainingPlan TrainingPlan::from_json(const nlohmann::json& j, int64_t n_layers, 
   p.schedule = parse_schedule(string_field(j, "schedule", where));
   p.micro_batches = integer_field(j, "micro_batches", where, 1, 4096);
   p.seq_len = integer_field(j, "seq_len", where, 1, max_seq_len);
+  p.micro_batch_sequences = integer_field(j, "micro_batch_sequences", where, 1, 65536);
   p.trainable = parse_trainable_set(string_field(j, "train_layers", where), n_layers);
   p.optimizer = OptimizerSettings::from_json(field(j, "optimizer", where), where + ".optimizer");
   p.steps = integer_field(j, "steps", where, 1, 1ll << 40);

@@ -85,6 +85,7 @@ struct TrainingPlan {
   PipelineSchedule schedule = PipelineSchedule::gpipe;
   int64_t micro_batches = 1;
   int64_t seq_len = 0;         // rows of one sequence: a micro-batch of b sequences is b * seq_len rows
+  int64_t micro_batch_sequences = 1;  // b: what bounds a training frame (training_payload_cap)
   TrainableSet trainable;      // of the whole model; a node applies it to its own layers
   OptimizerSettings optimizer;
   int64_t first_step = 1;      // > 1 when resuming

@@ -194,6 +194,8 @@ uint64_t inference_payload_cap(uint64_t dim, uint64_t max_seq_len, uint64_t batc
   return rows * (dim * wire_dtype_size(WireDType::F32) + kBatchSegmentBytes);
 }
 
+uint64_t training_payload_cap(uint64_t dim, uint64_t rows) { return rows * dim * wire_dtype_size(WireDType::F32); }
+
 Frame make_tensor_frame(FrameType type, uint32_t sample_id, uint32_t start_pos, WireDType dtype,
                         std::vector<uint32_t> shape, const void* data, size_t bytes) {
   if (shape.empty() || shape.size() > kMaxFrameDims)

@@ -109,6 +109,9 @@ struct FrameLimits {
 // a micro-batch of up to `batch_rows` rows, or one longer sample (a prompt of at most
 // max_seq_len tokens) alone; Capture frames carry the same rows.
 uint64_t inference_payload_cap(uint64_t dim, uint64_t max_seq_len, uint64_t batch_rows);
+// The same for a training run, whose frames carry one micro-batch's activations or
+// gradients, `rows` = sequences per micro-batch x seq_len, in float32.
+uint64_t training_payload_cap(uint64_t dim, uint64_t rows);
 
 struct ProtocolError : std::runtime_error {
   using std::runtime_error::runtime_error;
