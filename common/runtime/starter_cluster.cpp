@@ -43,16 +43,16 @@ class Cluster::LeaseRenewal {
         const NodeEndpoint& node = cluster.config_.secondaries[i];
         ControlClient client(node.addr, node.control_port, cluster.config_.auth_token, every);
         std::unique_lock lock(mutex_);
-        while (!done_) {
+        // The /init itself starts the lease, so the first renewal waits one interval
+        // (and rarely reaches a node before its /init, which would answer 409).
+        while (!wake_.wait_for(lock, every, [&] { return done_; })) {
           lock.unlock();
           try {
-            // 409 until the node has taken the /init, and after it dropped the run (which the /init's answer reports)
-            client.request("PUT", target);
+            client.request("PUT", target);  // a 409 after the node dropped the run: the /init's answer says why
           } catch (const std::exception& e) {
             spdlog::debug("{}: lease not renewed: {}", cluster.describe(i), e.what());
           }
           lock.lock();
-          wake_.wait_for(lock, every, [&] { return done_; });
         }
       });
   }
