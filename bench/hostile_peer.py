@@ -342,6 +342,19 @@ class Secondary:
                 pass
 
 
+def spray_random(s):
+    """Sends 1 MiB of random bytes on `s`; says how the send went and what the peer then did."""
+    note = ""
+    try:
+        s.settimeout(5.0)
+        s.sendall(os.urandom(1 << 20))
+    except (BrokenPipeError, ConnectionResetError) as e:
+        note = f"send cut ({e.strerror}); "
+    except socket.timeout:
+        note = "send stalled; "
+    return f"{note}socket {socket_fate(s, 3.0)}"
+
+
 class FakeStarter:
     """Plays ring index 0 of a 2-node ring, as tests/test_daemon.cpp's HandRing: listens on the starter's
     port_in (the secondary connects there and says Hello first; we answer) and connects from the
@@ -868,30 +881,14 @@ def case7(b):
         a = http(d.port, "POST", "/init", body=b.init_body(d.config, model, run), timeout=20.0)
         b.row("7", "valid POST /init (run A)", mark(a.status == 200, a.summary()), d, a.status == 200)
         s = connect_retry(d.port_in)
-        note = ""
-        try:
-            s.settimeout(5.0)
-            s.sendall(os.urandom(1 << 20))
-        except (BrokenPipeError, ConnectionResetError) as e:
-            note = f"send cut ({e.strerror}); "
-        except socket.timeout:
-            note = "send stalled; "
-        fate = socket_fate(s, 3.0)
+        what = spray_random(s)
         s.close()
-        b.row("7", "1 MiB random to port_in, ephemeral port", f"{note}socket {fate}; node {d.state().get('state')}", d)
+        b.row("7", "1 MiB random to port_in, ephemeral port", f"{what}; node {d.state().get('state')}", d)
         s = fake.connect()
-        note = ""
-        try:
-            s.settimeout(5.0)
-            s.sendall(os.urandom(1 << 20))
-        except (BrokenPipeError, ConnectionResetError) as e:
-            note = f"send cut ({e.strerror}); "
-        except socket.timeout:
-            note = "send stalled; "
-        fate = socket_fate(s, 3.0)
+        what = spray_random(s)
         hard_close(s)
         fake.sock = None
-        b.row("7", "1 MiB random to port_in from port_out", f"{note}socket {fate}; node {d.state().get('state')}", d)
+        b.row("7", "1 MiB random to port_in from port_out", f"{what}; node {d.state().get('state')}", d)
         # the real previous node is still taken afterwards
         fake.connect()
         helloed = fake.hello()
