@@ -21,7 +21,6 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -34,6 +33,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/net/kernel_random.hpp"
 #include "common/net/socket_io.hpp"
 
 namespace mdi {
@@ -61,13 +61,7 @@ HelloProof hello_proof(const std::string& token, HelloRole sender_role, uint64_t
 
 HelloNonce new_hello_nonce() {
   HelloNonce nonce{};
-  size_t got = 0;
-  while (got < nonce.size()) {
-    const ssize_t n = getrandom(nonce.data() + got, nonce.size() - got, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) throw TransportError("getrandom: " + socket_io::errno_text(errno));
-    got += static_cast<size_t>(n);
-  }
+  kernel_random_bytes(nonce.data(), nonce.size());
   return nonce;
 }
 
@@ -108,9 +102,14 @@ void check_proof(const HelloInfo& hello, const NodesConfig& config, HelloRole it
     throw TransportError("its Hello does not prove the ring's auth_token (a node with another token, or no node of this ring)");
 }
 
-Frame hello_frame(const NodesConfig& config, size_t my_ring_index, uint64_t run_id, const HelloNonce& nonce,
-                  const HelloProof& proof = {}) {
-  return make_hello_frame({static_cast<uint32_t>(my_ring_index), static_cast<uint32_t>(config.n_nodes()), run_id, nonce, proof});
+// Our Hello on a connection where we are `my_role` and the peer has ring index `peer_index`:
+// with the peer's nonce, it proves the token over both nonces; without, the proof is zero.
+Frame hello_frame(const NodesConfig& config, HelloRole my_role, size_t my_index, size_t peer_index, uint64_t run_id,
+                  const HelloNonce& nonce, const HelloNonce* peer_nonce = nullptr) {
+  const auto me = static_cast<uint32_t>(my_index);
+  const HelloProof proof = peer_nonce ? hello_proof(config.auth_token, my_role, run_id, me, static_cast<uint32_t>(peer_index), nonce, *peer_nonce)
+                                      : HelloProof{};
+  return make_hello_frame({me, static_cast<uint32_t>(config.n_nodes()), run_id, nonce, proof});
 }
 
 // Socket options of every ring connection, set in one place.
@@ -247,10 +246,7 @@ std::unique_ptr<TcpLink> RingListener::accept_prev(uint64_t run_id, const LinkOp
       const int fd = socket.native_handle();
       const HelloInfo opening = check_hello(read_frame(fd, limits, config.timeouts.receive), prev_index, config, run_id);
       const HelloNonce nonce = new_hello_nonce();
-      write_frame(fd,
-                  hello_frame(config, self.my_index, run_id, nonce,
-                              hello_proof(config.auth_token, HelloRole::acceptor, run_id, static_cast<uint32_t>(self.my_index),
-                                          static_cast<uint32_t>(prev_index), nonce, opening.nonce)),
+      write_frame(fd, hello_frame(config, HelloRole::acceptor, self.my_index, prev_index, run_id, nonce, &opening.nonce),
                   config.timeouts.receive);
       const HelloInfo proving = check_hello(read_frame(fd, limits, config.timeouts.receive), prev_index, config, run_id);
       if (proving.nonce != opening.nonce) throw TransportError("its second Hello has another nonce than its first");
@@ -307,13 +303,10 @@ std::unique_ptr<TcpLink> connect_next(const NodesConfig& config, size_t my_ring_
         configure_link_socket(socket, config.timeouts);
         const int fd = socket.native_handle();
         const HelloNonce nonce = new_hello_nonce();
-        write_frame(fd, hello_frame(config, my_ring_index, run_id, nonce), config.timeouts.receive);
+        write_frame(fd, hello_frame(config, HelloRole::connector, my_ring_index, next_index, run_id, nonce), config.timeouts.receive);
         const HelloInfo answer = check_hello(read_frame(fd, limits, config.timeouts.receive), next_index, config, run_id);
         check_proof(answer, config, HelloRole::acceptor, my_ring_index, nonce);
-        write_frame(fd,
-                    hello_frame(config, my_ring_index, run_id, nonce,
-                                hello_proof(config.auth_token, HelloRole::connector, run_id, static_cast<uint32_t>(my_ring_index),
-                                            static_cast<uint32_t>(next_index), nonce, answer.nonce)),
+        write_frame(fd, hello_frame(config, HelloRole::connector, my_ring_index, next_index, run_id, nonce, &answer.nonce),
                     config.timeouts.receive);
       } catch (const std::exception& e) {
         throw RingSetupError(doing + ": " + e.what());

@@ -1,9 +1,5 @@
 #include "common/runtime/starter_cluster.hpp"
 
-#include <sys/random.h>
-
-#include <cerrno>
-#include <cstring>
 #include <condition_variable>
 #include <future>
 #include <mutex>
@@ -13,21 +9,14 @@
 #include <spdlog/spdlog.h>
 
 #include "common/net/http/control_plane.hpp"
+#include "common/net/kernel_random.hpp"
 #include "common/wire/init_request.hpp"
 
 namespace mdi {
 
-// From the kernel's CSPRNG: a run id must not be guessable from an earlier one.
 uint64_t new_run_id() {
   uint64_t id = 0;
-  auto* bytes = reinterpret_cast<unsigned char*>(&id);
-  size_t got = 0;
-  while (got < sizeof id) {
-    const ssize_t n = getrandom(bytes + got, sizeof id - got, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) throw std::runtime_error(std::string("new_run_id: getrandom failed: ") + std::strerror(errno));
-    got += static_cast<size_t>(n);
-  }
+  kernel_random_bytes(&id, sizeof id);
   return id;
 }
 
